@@ -1,1 +1,106 @@
+//! Types shared by the kernel programs and the userspace daemon.
+//!
+//! Everything here crosses the kernel/user boundary as raw bytes: `#[repr(C)]`, fixed-width
+//! integers, explicit padding, no `bool` and no Rust enums.
 #![no_std]
+
+/// Bytes of the DNS message copied into each event. RFC 1035 caps plain UDP messages at 512
+/// bytes; larger (EDNS) messages are copied up to this bound and flagged by `msg_len > cap_len`.
+pub const DNS_CAPTURE_LEN: usize = 512;
+
+/// How many ports the kernel programs can watch at once (`--ports`).
+pub const MAX_PORTS: usize = 8;
+
+/// `DnsEvent::direction`: the packet leaves a socket (a query sent by a client).
+pub const DIR_EGRESS: u8 = 0;
+/// `DnsEvent::direction`: the packet arrives at a socket (a response received by a client).
+pub const DIR_INGRESS: u8 = 1;
+
+/// `DnsEvent::family` values, as in `AF_INET` / `AF_INET6`.
+pub const FAMILY_IPV4: u8 = 2;
+pub const FAMILY_IPV6: u8 = 10;
+
+/// `DnsEvent::l4_proto` values (IP protocol numbers).
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_TCP: u8 = 6;
+
+/// Indices into the kernel's per-CPU `STATS` array.
+pub const STAT_EVENTS: u32 = 0;
+/// A ring-buffer reservation failed: the event is lost.
+pub const STAT_RINGBUF_FULL: u32 = 1;
+/// A DNS-port packet whose headers could not be read (truncated, odd layout).
+pub const STAT_UNPARSEABLE: u32 = 2;
+pub const STAT_COUNT: u32 = 4;
+
+/// Ports watched by the kernel programs, set as a read-only global at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortConfig {
+    /// Ports in host byte order; unused slots are 0 (never matches a real port filter since
+    /// port 0 is not a valid UDP destination).
+    pub ports: [u16; MAX_PORTS],
+}
+
+impl PortConfig {
+    pub const DEFAULT: PortConfig = PortConfig {
+        ports: [53, 0, 0, 0, 0, 0, 0, 0],
+    };
+
+    #[inline(always)]
+    pub fn contains(&self, port: u16) -> bool {
+        // Unrolled by the compiler: a bounded loop over a constant-size array.
+        let mut i = 0;
+        while i < MAX_PORTS {
+            if self.ports[i] != 0 && self.ports[i] == port {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// One DNS packet seen by a cgroup_skb program.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsEvent {
+    /// `bpf_ktime_get_ns()` when the packet passed the hook (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// `bpf_get_socket_cookie()`: identifies the socket for the life of the kernel.
+    pub socket_cookie: u64,
+    /// Cgroup v2 id of the socket (the inode number of the cgroup's directory).
+    pub cgroup_id: u64,
+    /// `bpf_get_current_pid_tgid()` on egress (process context), 0 on ingress.
+    pub pid_tgid: u64,
+    /// Source and destination addresses; IPv4 uses the first 4 bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Ports in host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// `FAMILY_IPV4` or `FAMILY_IPV6`.
+    pub family: u8,
+    /// `DIR_EGRESS` or `DIR_INGRESS`.
+    pub direction: u8,
+    /// `PROTO_UDP` or `PROTO_TCP`.
+    pub l4_proto: u8,
+    pub _pad0: u8,
+    /// Length of the DNS message as carried by the packet (UDP payload length).
+    pub msg_len: u32,
+    /// Bytes of it copied into `msg` (at most `DNS_CAPTURE_LEN`).
+    pub cap_len: u32,
+    /// `bpf_get_current_comm()` on egress, zeroed on ingress.
+    pub comm: [u8; 16],
+    pub msg: [u8; DNS_CAPTURE_LEN],
+}
+
+// No implicit padding: the layout above is the wire format between kernel and userspace.
+const _: () = assert!(core::mem::size_of::<DnsEvent>() == 96 + DNS_CAPTURE_LEN);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both types are `#[repr(C)]`, made only of integers and byte arrays, with explicit
+    // padding fields, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::PortConfig {}
+    unsafe impl aya::Pod for super::DnsEvent {}
+}

@@ -1,0 +1,225 @@
+//! Names the cgroup of each query: cgroup v2 ids are the inode numbers of the cgroup
+//! directories, so a walk of the hierarchy maps ids to paths.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttributeError {
+    #[error("reading /proc/self/mountinfo: {0}")]
+    MountInfo(#[source] std::io::Error),
+    #[error("no cgroup v2 (cgroup2) mount in /proc/self/mountinfo; pass --cgroup-root")]
+    NoCgroup2Mount,
+    #[error("{path} is not a cgroup v2 directory: {reason}")]
+    NotCgroup2 { path: PathBuf, reason: String },
+}
+
+/// Finds the cgroup v2 mount point from the mount table (its place differs between hosts).
+pub fn find_cgroup2_root() -> Result<PathBuf, AttributeError> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(AttributeError::MountInfo)?;
+    cgroup2_mount_in(&mountinfo).ok_or(AttributeError::NoCgroup2Mount)
+}
+
+fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // Optional fields end at " - "; the filesystem type follows it.
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        let mount_point = left.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_mountinfo(mount_point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit)
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checks that `path` is a cgroup v2 directory (it has `cgroup.procs` and `cgroup.controllers`).
+pub fn check_cgroup2_dir(path: &Path) -> Result<(), AttributeError> {
+    let not = |reason: String| AttributeError::NotCgroup2 {
+        path: path.to_owned(),
+        reason,
+    };
+    let meta = fs::metadata(path).map_err(|e| not(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(not("not a directory".into()));
+    }
+    if !path.join("cgroup.controllers").exists() {
+        return Err(not(
+            "no cgroup.controllers file (a cgroup v1 hierarchy?)".into()
+        ));
+    }
+    Ok(())
+}
+
+/// Maps cgroup ids to paths relative to the root (`/` is the root itself).
+pub struct CgroupPaths {
+    root: PathBuf,
+    by_id: HashMap<u64, String>,
+    /// Ids a fresh walk did not find, with when: not walked for again until `NEGATIVE_TTL`.
+    missing: HashMap<u64, Instant>,
+    walks: u64,
+}
+
+/// How long an id that no walk found is not looked for again (walks cost a directory scan).
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// Entries kept before the map is rebuilt from scratch by the next walk.
+const MAX_ENTRIES: usize = 1 << 16;
+/// A walk never goes deeper than this (cgroup trees are shallow; this bounds symlink-free loops).
+const MAX_DEPTH: usize = 32;
+
+impl CgroupPaths {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            by_id: HashMap::new(),
+            missing: HashMap::new(),
+            walks: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn walks(&self) -> u64 {
+        self.walks
+    }
+
+    pub fn resolve(&mut self, id: u64) -> Option<String> {
+        if let Some(path) = self.by_id.get(&id) {
+            return Some(path.clone());
+        }
+        if let Some(when) = self.missing.get(&id) {
+            if when.elapsed() < NEGATIVE_TTL {
+                return None;
+            }
+        }
+        self.walk();
+        match self.by_id.get(&id) {
+            Some(path) => {
+                self.missing.remove(&id);
+                Some(path.clone())
+            }
+            None => {
+                if self.missing.len() >= MAX_ENTRIES {
+                    self.missing.clear();
+                }
+                self.missing.insert(id, Instant::now());
+                None
+            }
+        }
+    }
+
+    fn walk(&mut self) {
+        self.walks += 1;
+        if self.by_id.len() >= MAX_ENTRIES {
+            self.by_id.clear();
+        }
+        let mut seen_dirs = HashSet::new();
+        let mut stack = vec![(self.root.clone(), String::from("/"), 0usize)];
+        while let Some((dir, rel, depth)) = stack.pop() {
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue; // vanished while walking
+            };
+            if !seen_dirs.insert(meta.ino()) {
+                continue;
+            }
+            self.by_id.insert(meta.ino(), rel.clone());
+            if depth >= MAX_DEPTH {
+                continue;
+            }
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Ok(ft) = entry.file_type() else { continue };
+                if !ft.is_dir() {
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let child_rel = if rel == "/" {
+                    format!("/{name}")
+                } else {
+                    format!("{rel}/{name}")
+                };
+                stack.push((entry.path(), child_rel, depth + 1));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_among_other_mounts() {
+        let mountinfo = "\
+24 30 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+33 24 0:28 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755
+34 33 0:29 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
+35 33 0:30 / /sys/fs/cgroup/systemd rw,nosuid shared:11 - cgroup cgroup rw,xattr,name=systemd
+";
+        assert_eq!(
+            cgroup2_mount_in(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_mount_in("24 30 0:22 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\04"), "/end\\04");
+    }
+
+    #[test]
+    fn resolves_ids_of_a_directory_tree() {
+        let dir = std::env::temp_dir().join(format!("dnsprobe-attr-{}", std::process::id()));
+        fs::create_dir_all(dir.join("a/b")).unwrap();
+        let id_b = fs::metadata(dir.join("a/b")).unwrap().ino();
+        let id_root = fs::metadata(&dir).unwrap().ino();
+        let mut paths = CgroupPaths::new(dir.clone());
+        assert_eq!(paths.resolve(id_b).as_deref(), Some("/a/b"));
+        assert_eq!(paths.resolve(id_root).as_deref(), Some("/"));
+        let walks = paths.walks();
+        // A miss is walked for once, then remembered.
+        assert_eq!(paths.resolve(u64::MAX), None);
+        assert_eq!(paths.resolve(u64::MAX), None);
+        assert_eq!(paths.walks(), walks + 1);
+        // Known entries survive the directory's removal.
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(paths.resolve(id_b).as_deref(), Some("/a/b"));
+    }
+}

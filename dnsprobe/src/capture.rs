@@ -1,0 +1,240 @@
+//! Loads the kernel programs, attaches them to the cgroup v2 root and hands out their ring
+//! buffer and counters. Dropping `Capture` detaches everything.
+
+use std::{fs::File, path::Path};
+
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
+    Ebpf, EbpfLoader,
+};
+use dnsprobe_common::{PortConfig, MAX_PORTS, STAT_EVENTS, STAT_RINGBUF_FULL, STAT_UNPARSEABLE};
+
+/// The kernel object built by `build.rs` from the dnsprobe-ebpf crate.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dnsprobe"));
+
+pub const EGRESS_PROGRAM: &str = "dns_egress";
+pub const INGRESS_PROGRAM: &str = "dns_ingress";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct CaptureConfig<'a> {
+    pub cgroup_root: &'a Path,
+    pub ports: &'a [u16],
+    pub ring_buffer_size: u32,
+}
+
+/// Counters kept by the kernel programs, summed over CPUs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KernelStats {
+    /// Events handed to the ring buffer.
+    pub events: u64,
+    /// Events lost because the ring buffer was full.
+    pub ringbuf_full: u64,
+    /// DNS-port packets whose headers could not be read.
+    pub unparseable: u64,
+}
+
+pub struct Capture {
+    /// Owns the programs and their links: dropping it detaches them.
+    pub ebpf: Ebpf,
+    pub ring: RingBuf<MapData>,
+    pub counters: KernelCounters,
+}
+
+/// The kernel programs' per-CPU `STATS` array.
+pub struct KernelCounters(PerCpuArray<MapData, u64>);
+
+pub fn port_config(ports: &[u16]) -> PortConfig {
+    let mut cfg = PortConfig {
+        ports: [0; MAX_PORTS],
+    };
+    for (slot, port) in cfg.ports.iter_mut().zip(ports) {
+        *slot = *port;
+    }
+    cfg
+}
+
+/// Loads the object with the given settings; the verifier runs here.
+pub fn load(ports: &[u16], ring_buffer_size: u32) -> Result<Ebpf, CaptureError> {
+    let cfg = port_config(ports);
+    let mut ebpf = EbpfLoader::new()
+        .override_global("PORT_CONFIG", &cfg, true)
+        .map_max_entries("EVENTS", ring_buffer_size)
+        .load(EBPF_OBJECT)
+        .map_err(CaptureError::Load)?;
+    for name in [EGRESS_PROGRAM, INGRESS_PROGRAM] {
+        cgroup_skb(&mut ebpf, name)?
+            .load()
+            .map_err(|source| CaptureError::Program { name, source })?;
+    }
+    Ok(ebpf)
+}
+
+pub fn cgroup_skb<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSkb, CaptureError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(CaptureError::MissingProgram(name))?;
+    program
+        .try_into()
+        .map_err(|source| CaptureError::Program { name, source })
+}
+
+pub fn open_cgroup(path: &Path) -> Result<File, CaptureError> {
+    File::open(path).map_err(|source| CaptureError::Cgroup {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Attaches one program through a BPF link. Cgroup links always run alongside the other
+/// programs on the cgroup (the kernel attaches them with BPF_F_ALLOW_MULTI), so other tools and
+/// other dnsprobe instances keep running. Passing the multi flag explicitly makes kernels with
+/// multi-prog cgroup support reject the link with EINVAL, hence `Single` here: aya turns it
+/// into flags 0 for `bpf_link_create` (kernel 5.7 and later).
+pub fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    attach_type: CgroupSkbAttachType,
+) -> Result<(), CaptureError> {
+    cgroup_skb(ebpf, name)?
+        .attach(cgroup, attach_type, CgroupAttachMode::Single)
+        .map(|_link| ())
+        .map_err(|source| CaptureError::Program { name, source })
+}
+
+impl Capture {
+    pub fn start(cfg: &CaptureConfig<'_>) -> Result<Self, CaptureError> {
+        let mut ebpf = load(cfg.ports, cfg.ring_buffer_size)?;
+        let cgroup = open_cgroup(cfg.cgroup_root)?;
+        attach(
+            &mut ebpf,
+            EGRESS_PROGRAM,
+            &cgroup,
+            CgroupSkbAttachType::Egress,
+        )?;
+        attach(
+            &mut ebpf,
+            INGRESS_PROGRAM,
+            &cgroup,
+            CgroupSkbAttachType::Ingress,
+        )?;
+        let ring = ebpf
+            .take_map("EVENTS")
+            .ok_or(CaptureError::MissingMap("EVENTS"))?;
+        let ring = RingBuf::try_from(ring).map_err(|source| CaptureError::Map {
+            name: "EVENTS",
+            source,
+        })?;
+        let stats = ebpf
+            .take_map("STATS")
+            .ok_or(CaptureError::MissingMap("STATS"))?;
+        let stats = PerCpuArray::try_from(stats).map_err(|source| CaptureError::Map {
+            name: "STATS",
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            ring,
+            counters: KernelCounters(stats),
+        })
+    }
+}
+
+impl KernelCounters {
+    pub fn read(&self) -> Result<KernelStats, CaptureError> {
+        let sum = |index: u32| -> Result<u64, CaptureError> {
+            let values = self.0.get(&index, 0).map_err(|source| CaptureError::Map {
+                name: "STATS",
+                source,
+            })?;
+            Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
+        };
+        Ok(KernelStats {
+            events: sum(STAT_EVENTS)?,
+            ringbuf_full: sum(STAT_RINGBUF_FULL)?,
+            unparseable: sum(STAT_UNPARSEABLE)?,
+        })
+    }
+}
+
+/// Lets BPF maps exceed a small memlock limit on kernels that still charge it (before 5.11).
+/// Newer kernels account BPF memory to the memory cgroup, so a refusal here is harmless.
+pub fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to an initialised rlimit.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK ({}); fine on kernels that charge BPF memory to memcg",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Linux capability numbers that loading and attaching need.
+pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
+
+/// Names the capabilities the daemon lacks, from the effective set in /proc/self/status.
+pub fn missing_capabilities() -> Vec<&'static str> {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return Vec::new();
+    };
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    else {
+        return Vec::new();
+    };
+    let has = |cap: u32| eff & (1u64 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_SYS_ADMIN) {
+        if !has(CAP_BPF) {
+            missing.push("CAP_BPF");
+        }
+        if !has(CAP_PERFMON) {
+            missing.push("CAP_PERFMON");
+        }
+    }
+    if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    missing
+}

@@ -1,0 +1,157 @@
+//! `dnsprobe check`: what can load and attach on this kernel, one line per hook.
+
+use std::path::{Path, PathBuf};
+
+use aya::programs::CgroupSkbAttachType;
+
+use crate::{attribute, capture, cli::CheckArgs};
+
+struct Report {
+    lines: Vec<String>,
+    capture_possible: bool,
+}
+
+impl Report {
+    fn ok(&mut self, what: &str, detail: impl AsRef<str>) {
+        self.lines
+            .push(format!("ok    {what}: {}", detail.as_ref()));
+    }
+    fn fail(&mut self, what: &str, detail: impl AsRef<str>, needed: bool) {
+        let tag = if needed { "FAIL " } else { "skip " };
+        if needed {
+            self.capture_possible = false;
+        }
+        self.lines
+            .push(format!("{tag} {what}: {}", detail.as_ref()));
+    }
+}
+
+/// Runs every probe and prints the report; returns whether capture can work.
+pub fn run(args: &CheckArgs) -> bool {
+    let mut report = Report {
+        lines: Vec::new(),
+        capture_possible: true,
+    };
+    probe(args, &mut report);
+    for line in &report.lines {
+        println!("{line}");
+    }
+    if report.capture_possible {
+        println!("capture: possible");
+    } else {
+        println!("capture: NOT possible on this machine (see FAIL lines)");
+    }
+    report.capture_possible
+}
+
+fn probe(args: &CheckArgs, report: &mut Report) {
+    let missing = capture::missing_capabilities();
+    if missing.is_empty() {
+        report.ok(
+            "privileges",
+            "capabilities to load and attach eBPF programs present",
+        );
+    } else {
+        report.fail(
+            "privileges",
+            format!("missing {} (run as root)", missing.join(", ")),
+            true,
+        );
+    }
+
+    if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        report.ok("kernel BTF", "/sys/kernel/btf/vmlinux");
+    } else {
+        report.fail(
+            "kernel BTF",
+            "/sys/kernel/btf/vmlinux absent: drop reasons (BTF-typed hooks) will be unavailable",
+            false,
+        );
+    }
+
+    let root: PathBuf = match &args.common.cgroup_root {
+        Some(path) => path.clone(),
+        None => match attribute::find_cgroup2_root() {
+            Ok(path) => path,
+            Err(e) => {
+                report.fail("cgroup v2 root", e.to_string(), true);
+                return;
+            }
+        },
+    };
+    if let Err(e) = attribute::check_cgroup2_dir(&root) {
+        report.fail("cgroup v2 root", e.to_string(), true);
+        return;
+    }
+    report.ok("cgroup v2 root", root.display().to_string());
+
+    capture::raise_memlock_limit();
+    let mut ebpf = match capture::load(&args.common.ports, 1 << 20) {
+        Ok(ebpf) => {
+            report.ok(
+                "load",
+                format!(
+                    "{} and {} accepted by the verifier; ring buffer created",
+                    capture::EGRESS_PROGRAM,
+                    capture::INGRESS_PROGRAM
+                ),
+            );
+            ebpf
+        }
+        Err(e) => {
+            report.fail(
+                "load",
+                format!(
+                    "{}",
+                    anyhow::Error::from(e)
+                        .chain()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(": ")
+                ),
+                true,
+            );
+            return;
+        }
+    };
+    let cgroup = match capture::open_cgroup(&root) {
+        Ok(f) => f,
+        Err(e) => {
+            report.fail("cgroup v2 root", e.to_string(), true);
+            return;
+        }
+    };
+    for (name, hook, kind) in [
+        (
+            capture::EGRESS_PROGRAM,
+            "cgroup_skb/egress",
+            CgroupSkbAttachType::Egress,
+        ),
+        (
+            capture::INGRESS_PROGRAM,
+            "cgroup_skb/ingress",
+            CgroupSkbAttachType::Ingress,
+        ),
+    ] {
+        match capture::attach(&mut ebpf, name, &cgroup, kind) {
+            Ok(()) => report.ok(
+                hook,
+                format!(
+                    "attaches to {} (multi-attach); detached again",
+                    root.display()
+                ),
+            ),
+            Err(e) => report.fail(
+                hook,
+                anyhow::Error::from(e)
+                    .chain()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(": "),
+                true,
+            ),
+        }
+    }
+    // Dropping the object detaches the probes' links.
+    drop(ebpf);
+}

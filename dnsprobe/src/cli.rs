@@ -1,0 +1,195 @@
+//! Command-line interface. Every flag value is checked here, before anything touches the
+//! kernel, so a bad value fails at start-up with a message that names the flag.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dnsprobe",
+    version,
+    about = "eBPF DNS latency observer: times every DNS query of every container from the kernel"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Capture DNS traffic and print one record per finished query.
+    Run(RunArgs),
+    /// Report which kernel hooks load and attach here; exits non-zero if capture cannot work.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// Cgroup v2 directory to attach to; default: the cgroup2 mount found in /proc/self/mountinfo.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// Destination (client side) ports treated as DNS, comma separated, at most 8.
+    #[arg(long, value_name = "PORTS", default_value = "53", value_parser = parse_port, value_delimiter = ',')]
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Record format; default: text on a terminal, json otherwise.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+
+    /// Write records to this file instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+
+    /// A query with no response after this long is reported unanswered (e.g. 10s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub query_timeout: Duration,
+
+    /// Queries tracked at once; beyond this the oldest is evicted and counted.
+    #[arg(long, value_name = "N", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_inflight: u32,
+
+    /// Size of the kernel ring buffer in bytes (a power of two, multiple of the page size).
+    #[arg(long, value_name = "BYTES", default_value_t = 8 * 1024 * 1024, value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+
+    /// Interval between periodic statistics lines on stderr (0 disables them).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration_or_zero)]
+    pub stats_interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(0) => Err("port 0 is not a valid DNS port".into()),
+        Ok(p) => Ok(p),
+        Err(_) => Err(format!("`{s}` is not a port number (1-65535)")),
+    }
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1.5s`, `250us`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration_or_zero(s)?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("`{s}` has no unit; use e.g. 10s, 500ms, 2m"))?;
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration; use e.g. 10s, 500ms, 2m"))?;
+    let scale = match unit {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{s}`; use ns, us, ms, s, m or h"
+            ))
+        }
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 86_400.0 * 365.0 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of bytes"))?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let page = u32::try_from(page).unwrap_or(4096);
+    if !n.is_power_of_two() || n < page {
+        return Err(format!(
+            "{n} must be a power of two and at least the page size ({page})"
+        ));
+    }
+    Ok(n)
+}
+
+impl CommonArgs {
+    /// Checks what clap cannot express per value.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.ports.len() > dnsprobe_common::MAX_PORTS {
+            return Err(format!(
+                "--ports: at most {} ports, got {}",
+                dnsprobe_common::MAX_PORTS,
+                self.ports.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("10").unwrap_err().contains("no unit"));
+        assert!(parse_duration("10parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn bad_flag_values_name_the_flag() {
+        let err = Cli::try_parse_from(["dnsprobe", "run", "--query-timeout", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("--query-timeout"), "{err}");
+        let err = Cli::try_parse_from(["dnsprobe", "run", "--ports", "53,0"]).unwrap_err();
+        assert!(err.to_string().contains("--ports"), "{err}");
+        let err =
+            Cli::try_parse_from(["dnsprobe", "run", "--ring-buffer-size", "1000"]).unwrap_err();
+        assert!(err.to_string().contains("--ring-buffer-size"), "{err}");
+        let err = Cli::try_parse_from(["dnsprobe", "run", "--format", "xml"]).unwrap_err();
+        assert!(err.to_string().contains("--format"), "{err}");
+    }
+
+    #[test]
+    fn too_many_ports() {
+        let cli =
+            Cli::try_parse_from(["dnsprobe", "check", "--ports", "1,2,3,4,5,6,7,8,9"]).unwrap();
+        let Command::Check(args) = cli.command else {
+            panic!("parsed as another command")
+        };
+        assert!(args.common.validate().unwrap_err().contains("--ports"));
+    }
+}

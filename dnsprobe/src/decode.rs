@@ -1,0 +1,488 @@
+//! Turns raw ring-buffer records into packets with a parsed DNS message.
+//!
+//! The kernel copies at most `DNS_CAPTURE_LEN` bytes of each message. A complete copy is parsed
+//! with hickory-proto; a copy cut short by that bound (large EDNS answers) is parsed for its
+//! header and question only, which is all that matching needs.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use dnsprobe_common::{
+    DnsEvent, DIR_EGRESS, DIR_INGRESS, DNS_CAPTURE_LEN, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP,
+    PROTO_UDP,
+};
+use hickory_proto::{
+    op::{Message, MessageType},
+    rr::{RData, RecordType},
+};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("ring-buffer record of {0} bytes is shorter than an event")]
+    ShortRecord(usize),
+    #[error("event has unknown address family {0}")]
+    BadFamily(u8),
+    #[error("event has unknown direction {0}")]
+    BadDirection(u8),
+    #[error("event claims {0} captured bytes")]
+    BadCaptureLength(u32),
+    #[error("DNS message shorter than its 12-byte header")]
+    ShortHeader,
+    #[error("DNS message has no question")]
+    NoQuestion,
+    #[error("DNS question is malformed: {0}")]
+    BadQuestion(&'static str),
+    #[error("DNS message is malformed: {0}")]
+    Malformed(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Leaving a socket: a query a client sent.
+    Egress,
+    /// Arriving at a socket: a response a client received.
+    Ingress,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// The question of a DNS message, as matching needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Question {
+    /// Fully qualified, as on the wire (`www.example.com.`); case preserved for display.
+    pub name: String,
+    pub qtype: u16,
+}
+
+impl Question {
+    /// DNS names compare case-insensitively (RFC 4343); resolvers may randomise case (0x20).
+    pub fn key(&self) -> (String, u16) {
+        (self.name.to_ascii_lowercase(), self.qtype)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsMessage {
+    pub id: u16,
+    pub is_response: bool,
+    /// Response code including EDNS extended bits when the OPT record was readable.
+    pub rcode: u16,
+    /// The TC bit.
+    pub truncated: bool,
+    pub question: Question,
+    /// Answer-section data as text (`93.184.216.34`, `alias.example.com.`, ...).
+    pub answers: Vec<String>,
+    /// Only header and question were read: the capture was cut short.
+    pub partial: bool,
+}
+
+/// One DNS packet seen by the kernel, decoded.
+#[derive(Debug, Clone)]
+pub struct Packet {
+    pub ts_ns: u64,
+    pub socket_cookie: u64,
+    pub cgroup_id: u64,
+    /// Thread group id (the process id) of the sender, for egress packets.
+    pub pid: Option<u32>,
+    pub tid: Option<u32>,
+    pub comm: Option<String>,
+    pub direction: Direction,
+    pub transport: Transport,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub message: DnsMessage,
+}
+
+/// Reads a `DnsEvent` out of a ring-buffer record, which has no alignment guarantee for `T`.
+pub fn read_event(bytes: &[u8]) -> Result<DnsEvent, DecodeError> {
+    if bytes.len() < size_of::<DnsEvent>() {
+        return Err(DecodeError::ShortRecord(bytes.len()));
+    }
+    // SAFETY: length checked above; DnsEvent is plain old data valid for any bit pattern.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DnsEvent>()) })
+}
+
+pub fn decode_event(event: &DnsEvent) -> Result<Packet, DecodeError> {
+    let direction = match event.direction {
+        DIR_EGRESS => Direction::Egress,
+        DIR_INGRESS => Direction::Ingress,
+        other => return Err(DecodeError::BadDirection(other)),
+    };
+    let (src_ip, dst_ip) = match event.family {
+        FAMILY_IPV4 => (ipv4(&event.saddr), ipv4(&event.daddr)),
+        FAMILY_IPV6 => (
+            IpAddr::V6(Ipv6Addr::from(event.saddr)),
+            IpAddr::V6(Ipv6Addr::from(event.daddr)),
+        ),
+        other => return Err(DecodeError::BadFamily(other)),
+    };
+    let transport = match event.l4_proto {
+        PROTO_TCP => Transport::Tcp,
+        PROTO_UDP => Transport::Udp,
+        _ => Transport::Udp,
+    };
+    let cap = event.cap_len as usize;
+    if cap > DNS_CAPTURE_LEN {
+        return Err(DecodeError::BadCaptureLength(event.cap_len));
+    }
+    let cut_short = event.msg_len > event.cap_len;
+    let message = decode_message(&event.msg[..cap], cut_short)?;
+    let (pid, tid, comm) = if direction == Direction::Egress && event.pid_tgid != 0 {
+        (
+            Some((event.pid_tgid >> 32) as u32),
+            Some(event.pid_tgid as u32),
+            comm_string(&event.comm),
+        )
+    } else {
+        (None, None, None)
+    };
+    Ok(Packet {
+        ts_ns: event.ts_ns,
+        socket_cookie: event.socket_cookie,
+        cgroup_id: event.cgroup_id,
+        pid,
+        tid,
+        comm,
+        direction,
+        transport,
+        src: SocketAddr::new(src_ip, event.sport),
+        dst: SocketAddr::new(dst_ip, event.dport),
+        message,
+    })
+}
+
+fn ipv4(addr: &[u8; 16]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+}
+
+fn comm_string(comm: &[u8; 16]) -> Option<String> {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    if end == 0 {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&comm[..end]).into_owned())
+}
+
+/// Parses a DNS message. `cut_short` says the bytes are a prefix of a longer message.
+pub fn decode_message(bytes: &[u8], cut_short: bool) -> Result<DnsMessage, DecodeError> {
+    match Message::from_vec(bytes) {
+        Ok(msg) => from_hickory(&msg),
+        Err(err) => {
+            if cut_short {
+                let mut partial = parse_header_and_question(bytes)?;
+                partial.partial = true;
+                Ok(partial)
+            } else {
+                Err(DecodeError::Malformed(err.to_string()))
+            }
+        }
+    }
+}
+
+fn from_hickory(msg: &Message) -> Result<DnsMessage, DecodeError> {
+    let query = msg.queries.first().ok_or(DecodeError::NoQuestion)?;
+    let answers = msg
+        .answers
+        .iter()
+        .map(|record| match &record.data {
+            RData::A(a) => a.0.to_string(),
+            RData::AAAA(aaaa) => aaaa.0.to_string(),
+            other => other.to_string(),
+        })
+        .collect();
+    Ok(DnsMessage {
+        id: msg.metadata.id,
+        is_response: msg.metadata.message_type == MessageType::Response,
+        rcode: u16::from(msg.metadata.response_code),
+        truncated: msg.metadata.truncation,
+        question: Question {
+            name: query.name.to_string(),
+            qtype: u16::from(query.query_type),
+        },
+        answers,
+        partial: false,
+    })
+}
+
+/// Reads just the header and first question, following compression pointers with a bound.
+pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError> {
+    if bytes.len() < 12 {
+        return Err(DecodeError::ShortHeader);
+    }
+    let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+    let flags = u16::from_be_bytes([bytes[2], bytes[3]]);
+    let qdcount = u16::from_be_bytes([bytes[4], bytes[5]]);
+    if qdcount == 0 {
+        return Err(DecodeError::NoQuestion);
+    }
+    let (name, end) = read_name(bytes, 12)?;
+    let qtype_bytes = bytes
+        .get(end..end + 2)
+        .ok_or(DecodeError::BadQuestion("question ends before its type"))?;
+    Ok(DnsMessage {
+        id,
+        is_response: flags & 0x8000 != 0,
+        rcode: flags & 0x000f,
+        truncated: flags & 0x0200 != 0,
+        question: Question {
+            name,
+            qtype: u16::from_be_bytes([qtype_bytes[0], qtype_bytes[1]]),
+        },
+        answers: Vec::new(),
+        partial: false,
+    })
+}
+
+/// Returns the name in presentation form and the offset just past it in the message.
+fn read_name(bytes: &[u8], start: usize) -> Result<(String, usize), DecodeError> {
+    const MAX_POINTERS: usize = 16;
+    let mut name = String::new();
+    let mut pos = start;
+    let mut end = None;
+    let mut pointers = 0;
+    loop {
+        let len = *bytes
+            .get(pos)
+            .ok_or(DecodeError::BadQuestion("name runs past the message"))?
+            as usize;
+        match len & 0xc0 {
+            0x00 => {
+                if len == 0 {
+                    let end = end.unwrap_or(pos + 1);
+                    if name.is_empty() {
+                        name.push('.');
+                    }
+                    return Ok((name, end));
+                }
+                let label = bytes
+                    .get(pos + 1..pos + 1 + len)
+                    .ok_or(DecodeError::BadQuestion("label runs past the message"))?;
+                for &b in label {
+                    match b {
+                        b'.' | b'\\' => {
+                            name.push('\\');
+                            name.push(b as char);
+                        }
+                        0x21..=0x7e => name.push(b as char),
+                        _ => name.push_str(&format!("\\{b:03}")),
+                    }
+                }
+                name.push('.');
+                if name.len() > 1024 {
+                    return Err(DecodeError::BadQuestion("name too long"));
+                }
+                pos += 1 + len;
+            }
+            0xc0 => {
+                let low = *bytes
+                    .get(pos + 1)
+                    .ok_or(DecodeError::BadQuestion("pointer runs past the message"))?;
+                pointers += 1;
+                if pointers > MAX_POINTERS {
+                    return Err(DecodeError::BadQuestion("compression pointer loop"));
+                }
+                if end.is_none() {
+                    end = Some(pos + 2);
+                }
+                pos = ((len & 0x3f) << 8) | low as usize;
+            }
+            _ => return Err(DecodeError::BadQuestion("reserved label type")),
+        }
+    }
+}
+
+/// RFC 6895 mnemonic of a response code.
+pub fn rcode_name(rcode: u16) -> String {
+    let name = match rcode {
+        0 => "NOERROR",
+        1 => "FORMERR",
+        2 => "SERVFAIL",
+        3 => "NXDOMAIN",
+        4 => "NOTIMP",
+        5 => "REFUSED",
+        6 => "YXDOMAIN",
+        7 => "YXRRSET",
+        8 => "NXRRSET",
+        9 => "NOTAUTH",
+        10 => "NOTZONE",
+        11 => "DSOTYPENI",
+        16 => "BADVERS",
+        23 => "BADCOOKIE",
+        other => return format!("RCODE{other}"),
+    };
+    name.to_owned()
+}
+
+/// Type mnemonic, or the RFC 3597 generic form `TYPE1234` for types hickory does not know.
+pub fn qtype_name(qtype: u16) -> String {
+    match RecordType::from(qtype) {
+        RecordType::Unknown(code) => format!("TYPE{code}"),
+        known => known.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `dig www.example.com A` as sent by dig 9.18 (with EDNS and a cookie stripped).
+    const QUERY_A: &[u8] = &[
+        0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // header
+        3, b'w', b'w', b'w', 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e', 3, b'c', b'o', b'm', 0,
+        0x00, 0x01, 0x00, 0x01,
+    ];
+
+    /// The response: one A record 93.184.216.34 with a compression pointer to the question.
+    fn response_a() -> Vec<u8> {
+        let mut r = QUERY_A.to_vec();
+        r[2] = 0x81;
+        r[3] = 0x80;
+        r[7] = 1; // ancount
+        r.extend_from_slice(&[
+            0xc0, 0x0c, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x0e, 0x10, 0x00, 0x04, 93, 184, 216,
+            34,
+        ]);
+        r
+    }
+
+    #[test]
+    fn query_decodes() {
+        let m = decode_message(QUERY_A, false).unwrap();
+        assert_eq!(m.id, 0x1234);
+        assert!(!m.is_response);
+        assert_eq!(m.question.name, "www.example.com.");
+        assert_eq!(qtype_name(m.question.qtype), "A");
+        assert!(m.answers.is_empty());
+    }
+
+    #[test]
+    fn response_decodes_answers() {
+        let m = decode_message(&response_a(), false).unwrap();
+        assert!(m.is_response);
+        assert_eq!(rcode_name(m.rcode), "NOERROR");
+        assert_eq!(m.answers, vec!["93.184.216.34".to_owned()]);
+    }
+
+    #[test]
+    fn nxdomain_rcode() {
+        let mut r = QUERY_A.to_vec();
+        r[2] = 0x81;
+        r[3] = 0x83;
+        let m = decode_message(&r, false).unwrap();
+        assert_eq!(rcode_name(m.rcode), "NXDOMAIN");
+    }
+
+    #[test]
+    fn truncated_header_is_an_error_not_a_panic() {
+        for len in 0..QUERY_A.len() {
+            let res = decode_message(&QUERY_A[..len], false);
+            assert!(res.is_err(), "prefix of {len} bytes decoded");
+        }
+    }
+
+    #[test]
+    fn cut_short_capture_keeps_header_and_question() {
+        let full = response_a();
+        // Cut inside the answer section, as the kernel's bounded copy would.
+        let m = decode_message(&full[..full.len() - 3], true).unwrap();
+        assert!(m.partial);
+        assert_eq!(m.id, 0x1234);
+        assert!(m.is_response);
+        assert_eq!(m.question.name, "www.example.com.");
+        assert!(m.answers.is_empty());
+    }
+
+    #[test]
+    fn compression_pointer_loop_is_rejected() {
+        let mut msg = QUERY_A[..12].to_vec();
+        msg.extend_from_slice(&[0xc0, 0x0c, 0x00, 0x01, 0x00, 0x01]);
+        assert!(decode_message(&msg, false).is_err());
+        assert_eq!(
+            parse_header_and_question(&msg).unwrap_err(),
+            DecodeError::BadQuestion("compression pointer loop")
+        );
+    }
+
+    #[test]
+    fn lying_counts_are_malformed() {
+        let mut msg = QUERY_A.to_vec();
+        msg[7] = 5; // claims five answers, has none
+        assert!(matches!(
+            decode_message(&msg, false),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn zero_question_is_rejected() {
+        let mut msg = QUERY_A[..12].to_vec();
+        msg[5] = 0;
+        assert!(decode_message(&msg, false).is_err());
+        assert!(decode_message(&msg, true).is_err());
+    }
+
+    #[test]
+    fn unknown_type_uses_generic_form() {
+        assert_eq!(qtype_name(65280), "TYPE65280");
+        assert_eq!(qtype_name(28), "AAAA");
+        assert_eq!(rcode_name(99), "RCODE99");
+    }
+
+    #[test]
+    fn short_record_rejected() {
+        assert_eq!(
+            read_event(&[0u8; 10]).unwrap_err(),
+            DecodeError::ShortRecord(10)
+        );
+    }
+
+    #[test]
+    fn event_roundtrip() {
+        let mut ev: DnsEvent = unsafe { std::mem::zeroed() };
+        ev.family = FAMILY_IPV6;
+        ev.direction = DIR_EGRESS;
+        ev.l4_proto = PROTO_UDP;
+        ev.saddr[15] = 1;
+        ev.daddr[15] = 2;
+        ev.sport = 40000;
+        ev.dport = 53;
+        ev.pid_tgid = (1234u64 << 32) | 1240;
+        ev.comm[..3].copy_from_slice(b"dig");
+        ev.msg[..QUERY_A.len()].copy_from_slice(QUERY_A);
+        ev.cap_len = QUERY_A.len() as u32;
+        ev.msg_len = QUERY_A.len() as u32;
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&ev as *const DnsEvent).cast::<u8>(), size_of::<DnsEvent>())
+        };
+        let p = decode_event(&read_event(bytes).unwrap()).unwrap();
+        assert_eq!(p.src.to_string(), "[::1]:40000");
+        assert_eq!(p.dst.to_string(), "[::2]:53");
+        assert_eq!(p.pid, Some(1234));
+        assert_eq!(p.tid, Some(1240));
+        assert_eq!(p.comm.as_deref(), Some("dig"));
+        assert_eq!(p.message.id, 0x1234);
+    }
+
+    #[test]
+    fn bad_capture_length_rejected() {
+        let mut ev: DnsEvent = unsafe { std::mem::zeroed() };
+        ev.family = FAMILY_IPV4;
+        ev.cap_len = 9999;
+        assert_eq!(
+            decode_event(&ev).unwrap_err(),
+            DecodeError::BadCaptureLength(9999)
+        );
+    }
+}
