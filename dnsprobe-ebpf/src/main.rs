@@ -1,11 +1,12 @@
 //! Kernel programs of dnsprobe: `cgroup_skb` ingress and egress hooks that copy DNS packets of
 //! every socket on the machine into a ring buffer. Parsing happens in userspace; here we only
 //! find the UDP header, decide whether the packet is DNS, and copy a bounded prefix of it.
-#![no_std]
-#![no_main]
+// Host builds (clippy on the whole workspace) link std through feature unification, so the
+// freestanding attributes and the panic handler apply to the BPF target only.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
-    bindings::__sk_buff,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{bpf_get_socket_cookie, bpf_skb_cgroup_id, bpf_skb_load_bytes},
@@ -195,7 +196,7 @@ fn emit(
     unsafe {
         (*event).ts_ns = bpf_ktime_get_ns();
         (*event).socket_cookie = bpf_get_socket_cookie(skb as *mut _);
-        (*event).cgroup_id = bpf_skb_cgroup_id(skb as *mut __sk_buff);
+        (*event).cgroup_id = bpf_skb_cgroup_id(skb);
         (*event).saddr = l3.saddr;
         (*event).daddr = l3.daddr;
         (*event).sport = sport;
@@ -236,7 +237,10 @@ fn emit(
     Ok(())
 }
 
-#[cfg(not(test))]
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

@@ -11,7 +11,7 @@ use std::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttributeError {
-    #[error("reading /proc/self/mountinfo: {0}")]
+    #[error("reading /proc/self/mountinfo")]
     MountInfo(#[source] std::io::Error),
     #[error("no cgroup v2 (cgroup2) mount in /proc/self/mountinfo; pass --cgroup-root")]
     NoCgroup2Mount,
@@ -221,5 +221,85 @@ mod tests {
         // Known entries survive the directory's removal.
         fs::remove_dir_all(&dir).unwrap();
         assert_eq!(paths.resolve(id_b).as_deref(), Some("/a/b"));
+    }
+}
+
+/// Process names by pid. The kernel hook sees the sending *thread's* comm, which for threaded
+/// clients is a worker name (`isc-net-0000` for dig); users look for the program, which is the
+/// comm of the thread group in /proc. Read once per process and remembered briefly.
+pub struct ProcessNames {
+    proc_root: PathBuf,
+    by_pid: HashMap<u32, ProcessName>,
+}
+
+struct ProcessName {
+    /// The thread comm this entry was read for: a different one means the pid was reused.
+    thread_comm: Option<String>,
+    name: Option<String>,
+    read_at: Instant,
+}
+
+const PROCESS_NAME_TTL: Duration = Duration::from_secs(30);
+
+impl ProcessNames {
+    pub fn new(proc_root: PathBuf) -> Self {
+        Self {
+            proc_root,
+            by_pid: HashMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_pid.len()
+    }
+
+    /// The process's name, or `None` if it exited before it could be read.
+    pub fn resolve(&mut self, pid: u32, thread_comm: Option<&str>) -> Option<String> {
+        if let Some(entry) = self.by_pid.get(&pid) {
+            if entry.thread_comm.as_deref() == thread_comm
+                && entry.read_at.elapsed() < PROCESS_NAME_TTL
+            {
+                return entry.name.clone();
+            }
+        }
+        if self.by_pid.len() >= MAX_ENTRIES {
+            self.by_pid
+                .retain(|_, e| e.read_at.elapsed() < PROCESS_NAME_TTL);
+            if self.by_pid.len() >= MAX_ENTRIES {
+                self.by_pid.clear();
+            }
+        }
+        let name = fs::read_to_string(self.proc_root.join(pid.to_string()).join("comm"))
+            .ok()
+            .map(|s| s.trim_end_matches('\n').to_owned())
+            .filter(|s| !s.is_empty());
+        self.by_pid.insert(
+            pid,
+            ProcessName {
+                thread_comm: thread_comm.map(str::to_owned),
+                name: name.clone(),
+                read_at: Instant::now(),
+            },
+        );
+        name
+    }
+}
+
+#[cfg(test)]
+mod process_tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_process_name() {
+        let mut names = ProcessNames::new(PathBuf::from("/proc"));
+        let me = std::process::id();
+        let expected = fs::read_to_string(format!("/proc/{me}/comm")).unwrap();
+        assert_eq!(
+            names.resolve(me, Some("worker")).as_deref(),
+            Some(expected.trim_end())
+        );
+        assert_eq!(names.len(), 1);
+        // A pid that cannot exist (above pid_max) has no name.
+        assert_eq!(names.resolve(u32::MAX, None), None);
     }
 }

@@ -18,25 +18,25 @@ pub const INGRESS_PROGRAM: &str = "dns_ingress";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error("loading the eBPF object: {0}")]
+    #[error("loading the eBPF object")]
     Load(#[source] aya::EbpfError),
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program {
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("opening cgroup {path}: {source}")]
+    #[error("opening cgroup {path}")]
     Cgroup {
         path: String,
         #[source]

@@ -99,18 +99,7 @@ fn probe(args: &CheckArgs, report: &mut Report) {
             ebpf
         }
         Err(e) => {
-            report.fail(
-                "load",
-                format!(
-                    "{}",
-                    anyhow::Error::from(e)
-                        .chain()
-                        .map(|c| c.to_string())
-                        .collect::<Vec<_>>()
-                        .join(": ")
-                ),
-                true,
-            );
+            report.fail("load", format!("{:#}", anyhow::Error::from(e)), true);
             return;
         }
     };
@@ -141,15 +130,7 @@ fn probe(args: &CheckArgs, report: &mut Report) {
                     root.display()
                 ),
             ),
-            Err(e) => report.fail(
-                hook,
-                anyhow::Error::from(e)
-                    .chain()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(": "),
-                true,
-            ),
+            Err(e) => report.fail(hook, format!("{:#}", anyhow::Error::from(e)), true),
         }
     }
     // Dropping the object detaches the probes' links.

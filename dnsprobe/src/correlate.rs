@@ -25,7 +25,10 @@ struct QueryKey {
 pub struct Sender {
     pub pid: Option<u32>,
     pub tid: Option<u32>,
+    /// Name of the sending process (its thread group leader's comm).
     pub comm: Option<String>,
+    /// Comm of the sending thread, as the kernel saw it.
+    pub thread_comm: Option<String>,
     pub cgroup_id: u64,
     /// Resolved while the cgroup still existed; `None` if it could not be.
     pub cgroup_path: Option<String>,
@@ -282,6 +285,7 @@ mod tests {
             pid: p.pid,
             tid: p.tid,
             comm: p.comm.clone(),
+            thread_comm: p.comm.clone(),
             cgroup_id: p.cgroup_id,
             cgroup_path: Some("/test".into()),
         }

@@ -24,7 +24,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    attribute::CgroupPaths,
+    attribute::{CgroupPaths, ProcessNames},
     capture::{Capture, CaptureConfig, KernelStats},
     cli::{Cli, Command, Format, RunArgs},
     correlate::{FinishedQuery, QueryTracker, Sender},
@@ -90,6 +90,7 @@ struct PipelineStats {
 struct Pipeline {
     tracker: QueryTracker,
     paths: CgroupPaths,
+    names: ProcessNames,
     writer: RecordWriter<Box<dyn Write>>,
     stats: PipelineStats,
     finished: Vec<FinishedQuery>,
@@ -110,10 +111,16 @@ impl Pipeline {
             self.stats.partial_messages += 1;
         }
         let paths = &mut self.paths;
+        let names = &mut self.names;
         let done = self.tracker.observe(packet, |p| Sender {
             pid: p.pid,
             tid: p.tid,
-            comm: p.comm.clone(),
+            // The process may be gone already; its sending thread's name is the next best.
+            comm: p
+                .pid
+                .and_then(|pid| names.resolve(pid, p.comm.as_deref()))
+                .or_else(|| p.comm.clone()),
+            thread_comm: p.comm.clone(),
             cgroup_id: p.cgroup_id,
             cgroup_path: paths.resolve(p.cgroup_id),
         });
@@ -149,7 +156,7 @@ impl Pipeline {
         format!(
             "queries={} answered={} unanswered={} resends={} records={} in_flight={} \
              unmatched_responses={} evicted={} malformed={} partial={} kernel_events={} \
-             lost_events={} unparseable_packets={} cgroups_known={} cgroup_walks={}",
+             lost_events={} unparseable_packets={} cgroups_known={} cgroup_walks={} processes_known={}",
             t.queries,
             t.answered,
             t.unanswered,
@@ -165,6 +172,7 @@ impl Pipeline {
             kernel.unparseable,
             self.paths.len(),
             self.paths.walks(),
+            self.names.len(),
         )
     }
 }
@@ -241,6 +249,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.max_inflight as usize,
         ),
         paths: CgroupPaths::new(cgroup_root.clone()),
+        names: ProcessNames::new(PathBuf::from("/proc")),
         writer: RecordWriter::new(out, format, WallClock::now()),
         stats: PipelineStats::default(),
         finished: Vec::new(),
