@@ -30,7 +30,77 @@ pub const STAT_EVENTS: u32 = 0;
 pub const STAT_RINGBUF_FULL: u32 = 1;
 /// A DNS-port packet whose headers could not be read (truncated, odd layout).
 pub const STAT_UNPARSEABLE: u32 = 2;
-pub const STAT_COUNT: u32 = 4;
+/// A drop event could not be handed over: the drop ring buffer was full.
+pub const STAT_DROP_RINGBUF_FULL: u32 = 3;
+/// DNS-port packets seen dropped by the kernel.
+pub const STAT_DROPS: u32 = 4;
+pub const STAT_COUNT: u32 = 8;
+
+/// Bytes of a dropped packet's DNS payload copied (enough for header and a typical question).
+pub const DROP_CAPTURE_LEN: usize = 128;
+
+/// Offsets of kernel struct members, read from the running kernel's BTF by userspace and set
+/// as a read-only global, so the drop program works across kernel versions without CO-RE.
+/// `OFFSET_UNKNOWN` disables what depends on a member.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_dev: u32,
+    pub skb_sk: u32,
+    /// `net_device.nd_net.net`
+    pub dev_net: u32,
+    /// `sock_common.skc_net.net` (`struct sock` starts with its `sock_common`)
+    pub sk_net: u32,
+    /// `net.ns.inum`
+    pub net_inum: u32,
+    /// Non-zero once userspace has filled the offsets in.
+    pub valid: u32,
+}
+
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
+
+impl KernelOffsets {
+    pub const UNSET: KernelOffsets = KernelOffsets {
+        skb_head: OFFSET_UNKNOWN,
+        skb_network_header: OFFSET_UNKNOWN,
+        skb_dev: OFFSET_UNKNOWN,
+        skb_sk: OFFSET_UNKNOWN,
+        dev_net: OFFSET_UNKNOWN,
+        sk_net: OFFSET_UNKNOWN,
+        net_inum: OFFSET_UNKNOWN,
+        valid: 0,
+    };
+}
+
+/// A DNS packet (either direction, UDP or TCP) that the kernel freed as a drop.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DropEvent {
+    pub ts_ns: u64,
+    /// Kernel address where the drop happened (`kfree_skb` caller); a symbol via /proc/kallsyms.
+    pub location: u64,
+    /// Inode number of the network namespace (0 when neither device nor socket told it).
+    pub netns_inum: u32,
+    /// `enum skb_drop_reason` value of the running kernel.
+    pub reason: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub l4_proto: u8,
+    pub _pad0: [u8; 2],
+    /// Length of the L4 payload per the IP header.
+    pub payload_len: u32,
+    /// Bytes of it copied into `payload` (the raw L4 payload: TCP keeps its length prefix).
+    pub cap_len: u32,
+    pub payload: [u8; DROP_CAPTURE_LEN],
+}
+
+const _: () = assert!(core::mem::size_of::<DropEvent>() == 72 + DROP_CAPTURE_LEN);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 32);
 
 /// Ports watched by the kernel programs, set as a read-only global at load time.
 #[repr(C)]
@@ -103,4 +173,6 @@ mod user {
     // padding fields, so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::PortConfig {}
     unsafe impl aya::Pod for super::DnsEvent {}
+    unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
 }

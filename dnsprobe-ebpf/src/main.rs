@@ -8,16 +8,20 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        generated::{bpf_get_socket_cookie, bpf_skb_cgroup_id, bpf_skb_load_bytes},
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{
+            bpf_get_socket_cookie, bpf_probe_read_kernel as probe_read_kernel_raw,
+            bpf_skb_cgroup_id, bpf_skb_load_bytes,
+        },
     },
-    macros::{cgroup_skb, map},
+    macros::{btf_tracepoint, cgroup_skb, map},
     maps::{PerCpuArray, RingBuf},
-    programs::SkBuffContext,
+    programs::{BtfTracePointContext, SkBuffContext},
 };
 use dnsprobe_common::{
-    DnsEvent, PortConfig, DIR_EGRESS, DIR_INGRESS, DNS_CAPTURE_LEN, FAMILY_IPV4, FAMILY_IPV6,
-    PROTO_UDP, STAT_COUNT, STAT_EVENTS, STAT_RINGBUF_FULL, STAT_UNPARSEABLE,
+    DnsEvent, DropEvent, KernelOffsets, PortConfig, DIR_EGRESS, DIR_INGRESS, DNS_CAPTURE_LEN,
+    DROP_CAPTURE_LEN, FAMILY_IPV4, FAMILY_IPV6, OFFSET_UNKNOWN, PROTO_TCP, PROTO_UDP, STAT_COUNT,
+    STAT_DROPS, STAT_DROP_RINGBUF_FULL, STAT_EVENTS, STAT_RINGBUF_FULL, STAT_UNPARSEABLE,
 };
 
 /// Overwritten by userspace at load time (`--ports`); read-only to the programs.
@@ -30,6 +34,14 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Offsets into kernel structs, from the running kernel's BTF (set by userspace at load time).
+#[no_mangle]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::UNSET;
+
+/// Drops are rare next to packets; a separate ring keeps a drop storm from starving capture.
+#[map]
+static DROPS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
@@ -64,6 +76,8 @@ fn bump(index: u32) {
 /// Where the UDP header is and what addresses surround it.
 struct L3 {
     family: u8,
+    /// `PROTO_UDP` or `PROTO_TCP`.
+    proto: u8,
     l4_offset: usize,
     saddr: [u8; 16],
     daddr: [u8; 16],
@@ -93,7 +107,7 @@ fn parse_l3(ctx: &SkBuffContext) -> Result<Option<L3>, i64> {
     let hdr: [u8; 20] = read(ctx, 0)?;
     match hdr[0] >> 4 {
         4 => {
-            if hdr[9] != PROTO_UDP {
+            if hdr[9] != PROTO_UDP && hdr[9] != PROTO_TCP {
                 return Ok(None);
             }
             // A non-first fragment has no UDP header.
@@ -110,6 +124,7 @@ fn parse_l3(ctx: &SkBuffContext) -> Result<Option<L3>, i64> {
             daddr[..4].copy_from_slice(&hdr[16..20]);
             Ok(Some(L3 {
                 family: FAMILY_IPV4,
+                proto: hdr[9],
                 l4_offset: ihl,
                 saddr,
                 daddr,
@@ -122,7 +137,7 @@ fn parse_l3(ctx: &SkBuffContext) -> Result<Option<L3>, i64> {
             let mut i = 0;
             while i < MAX_IPV6_EXT_HEADERS {
                 match next {
-                    PROTO_UDP => break,
+                    PROTO_UDP | PROTO_TCP => break,
                     IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                         let ext: [u8; 2] = read(ctx, offset)?;
                         next = ext[0];
@@ -140,7 +155,7 @@ fn parse_l3(ctx: &SkBuffContext) -> Result<Option<L3>, i64> {
                 }
                 i += 1;
             }
-            if next != PROTO_UDP {
+            if next != PROTO_UDP && next != PROTO_TCP {
                 return Ok(None);
             }
             let mut saddr = [0u8; 16];
@@ -149,6 +164,7 @@ fn parse_l3(ctx: &SkBuffContext) -> Result<Option<L3>, i64> {
             daddr.copy_from_slice(&hdr[24..40]);
             Ok(Some(L3 {
                 family: FAMILY_IPV6,
+                proto: next,
                 l4_offset: offset,
                 saddr,
                 daddr,
@@ -164,9 +180,10 @@ fn try_capture(ctx: &SkBuffContext, direction: u8) -> Result<(), i64> {
         Some(l3) => l3,
         None => return Ok(()),
     };
-    let udp: [u8; UDP_HDR_LEN] = read(ctx, l3.l4_offset)?;
-    let sport = u16::from_be_bytes([udp[0], udp[1]]);
-    let dport = u16::from_be_bytes([udp[2], udp[3]]);
+    // Ports sit at the same place in UDP and TCP headers.
+    let ports_hdr: [u8; 4] = read(ctx, l3.l4_offset)?;
+    let sport = u16::from_be_bytes([ports_hdr[0], ports_hdr[1]]);
+    let dport = u16::from_be_bytes([ports_hdr[2], ports_hdr[3]]);
     // SAFETY: a plain read of a read-only global set before load.
     let ports = unsafe { core::ptr::read_volatile(&PORT_CONFIG) };
     // Client side only: queries leave towards a DNS port, responses arrive from one.
@@ -178,7 +195,7 @@ fn try_capture(ctx: &SkBuffContext, direction: u8) -> Result<(), i64> {
     if !watched {
         return Ok(());
     }
-    match emit(ctx, direction, &l3, sport, dport, &udp) {
+    match emit(ctx, direction, &l3, sport, dport) {
         Ok(()) => Ok(()),
         Err(e) => {
             bump(STAT_UNPARSEABLE);
@@ -188,19 +205,30 @@ fn try_capture(ctx: &SkBuffContext, direction: u8) -> Result<(), i64> {
 }
 
 #[inline(always)]
-fn emit(
-    ctx: &SkBuffContext,
-    direction: u8,
-    l3: &L3,
-    sport: u16,
-    dport: u16,
-    udp: &[u8; UDP_HDR_LEN],
-) -> Result<(), i64> {
-    let payload_offset = l3.l4_offset + UDP_HDR_LEN;
-    let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as u32;
+fn emit(ctx: &SkBuffContext, direction: u8, l3: &L3, sport: u16, dport: u16) -> Result<(), i64> {
+    let (payload_offset, claimed_len) = if l3.proto == PROTO_TCP {
+        // Data offset: high nibble of byte 12, in 32-bit words.
+        let tcp: [u8; 14] = read(ctx, l3.l4_offset)?;
+        let doff = ((tcp[12] >> 4) as usize) * 4;
+        if doff < 20 {
+            return Err(-1);
+        }
+        (l3.l4_offset + doff, u32::MAX)
+    } else {
+        let udp: [u8; UDP_HDR_LEN] = read(ctx, l3.l4_offset)?;
+        let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as u32;
+        (
+            l3.l4_offset + UDP_HDR_LEN,
+            udp_len.saturating_sub(UDP_HDR_LEN as u32),
+        )
+    };
     // The UDP length field can lie; the skb length cannot.
     let in_skb = ctx.len().saturating_sub(payload_offset as u32);
-    let msg_len = core::cmp::min(udp_len.saturating_sub(UDP_HDR_LEN as u32), in_skb);
+    let msg_len = core::cmp::min(claimed_len, in_skb);
+    // Bare TCP segments (handshake, ACKs, FIN) carry no DNS.
+    if l3.proto == PROTO_TCP && msg_len == 0 {
+        return Ok(());
+    }
 
     let Some(mut entry) = EVENTS.reserve::<DnsEvent>(0) else {
         bump(STAT_RINGBUF_FULL);
@@ -220,7 +248,7 @@ fn emit(
         (*event).dport = dport;
         (*event).family = l3.family;
         (*event).direction = direction;
-        (*event).l4_proto = PROTO_UDP;
+        (*event).l4_proto = l3.proto;
         (*event)._pad0 = 0;
         (*event).msg_len = msg_len;
         if direction == DIR_EGRESS {
@@ -251,6 +279,144 @@ fn emit(
     }
     entry.submit(0);
     bump(STAT_EVENTS);
+    Ok(())
+}
+
+/// `trace_kfree_skb(skb, location, reason, rx_sk)`: every packet the kernel frees as dropped.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn dns_drop(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_drop(&ctx);
+    0
+}
+
+/// Reads a `T` from kernel memory at `base + offset`.
+#[inline(always)]
+fn kread<T>(base: u64, offset: u32) -> Result<T, i64> {
+    if offset == OFFSET_UNKNOWN || base == 0 {
+        return Err(-1);
+    }
+    // SAFETY: bpf_probe_read_kernel validates the address and fails instead of faulting.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.map_err(i64::from)
+}
+
+#[inline(always)]
+fn netns_inum(offsets: &KernelOffsets, skb: u64) -> u32 {
+    let net = match kread::<u64>(skb, offsets.skb_dev) {
+        Ok(dev) if dev != 0 => kread::<u64>(dev, offsets.dev_net).unwrap_or(0),
+        _ => match kread::<u64>(skb, offsets.skb_sk) {
+            Ok(sk) if sk != 0 => kread::<u64>(sk, offsets.sk_net).unwrap_or(0),
+            _ => 0,
+        },
+    };
+    kread::<u32>(net, offsets.net_inum).unwrap_or(0)
+}
+
+#[inline(always)]
+fn try_drop(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    // SAFETY: plain reads of read-only globals set before load.
+    let offsets = unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) };
+    if offsets.valid == 0 {
+        return Ok(());
+    }
+    let skb: u64 = ctx.arg(0);
+    let location: u64 = ctx.arg(1);
+    let reason: u32 = ctx.arg(2);
+    let head: u64 = kread(skb, offsets.skb_head)?;
+    let network_header: u16 = kread(skb, offsets.skb_network_header)?;
+    // 0xffff marks an unset header (the packet never got that far).
+    if head == 0 || network_header == 0xffff {
+        return Ok(());
+    }
+    let l3 = head + u64::from(network_header);
+    let ip: [u8; 20] = kread(l3, 0)?;
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    let (family, proto, l4_offset, l3_end) = match ip[0] >> 4 {
+        4 => {
+            if (u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff) != 0 {
+                return Ok(());
+            }
+            saddr[..4].copy_from_slice(&ip[12..16]);
+            daddr[..4].copy_from_slice(&ip[16..20]);
+            let total = u16::from_be_bytes([ip[2], ip[3]]) as u32;
+            (FAMILY_IPV4, ip[9], ((ip[0] & 0x0f) as u32) * 4, total)
+        }
+        6 => {
+            let ip6: [u8; IPV6_HDR_LEN] = kread(l3, 0)?;
+            saddr.copy_from_slice(&ip6[8..24]);
+            daddr.copy_from_slice(&ip6[24..40]);
+            let payload = u16::from_be_bytes([ip6[4], ip6[5]]) as u32;
+            // Extension headers are left out here: drops of such DNS packets are rare.
+            (
+                FAMILY_IPV6,
+                ip6[6],
+                IPV6_HDR_LEN as u32,
+                IPV6_HDR_LEN as u32 + payload,
+            )
+        }
+        _ => return Ok(()),
+    };
+    if proto != PROTO_UDP && proto != PROTO_TCP {
+        return Ok(());
+    }
+    let l4: [u8; 16] = kread(l3, l4_offset)?;
+    let sport = u16::from_be_bytes([l4[0], l4[1]]);
+    let dport = u16::from_be_bytes([l4[2], l4[3]]);
+    // SAFETY: as above.
+    let ports = unsafe { core::ptr::read_volatile(&PORT_CONFIG) };
+    if !ports.contains(sport) && !ports.contains(dport) {
+        return Ok(());
+    }
+    let l4_hdr_len = if proto == PROTO_UDP {
+        UDP_HDR_LEN as u32
+    } else {
+        ((l4[12] >> 4) as u32) * 4
+    };
+    let payload_offset = l4_offset + l4_hdr_len;
+    let payload_len = l3_end.saturating_sub(payload_offset);
+    // Bare TCP segments (handshake, ACKs, FIN) carry no DNS: their loss is TCP's business.
+    if proto == PROTO_TCP && payload_len == 0 {
+        return Ok(());
+    }
+
+    bump(STAT_DROPS);
+    let Some(mut entry) = DROPS.reserve::<DropEvent>(0) else {
+        bump(STAT_DROP_RINGBUF_FULL);
+        return Ok(());
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: exclusive reserved slot; every field written before submit.
+    unsafe {
+        (*event).ts_ns = bpf_ktime_get_ns();
+        (*event).location = location;
+        (*event).netns_inum = netns_inum(&offsets, skb);
+        (*event).reason = reason;
+        (*event).saddr = saddr;
+        (*event).daddr = daddr;
+        (*event).sport = sport;
+        (*event).dport = dport;
+        (*event).family = family;
+        (*event).l4_proto = proto;
+        (*event)._pad0 = [0; 2];
+        (*event).payload_len = payload_len;
+        let mut cap = payload_len;
+        if cap > DROP_CAPTURE_LEN as u32 {
+            cap = DROP_CAPTURE_LEN as u32;
+        }
+        let mut copied = 0;
+        if cap > 0 && cap <= DROP_CAPTURE_LEN as u32 {
+            let ret = probe_read_kernel_raw(
+                (*event).payload.as_mut_ptr() as *mut _,
+                cap,
+                (l3 + u64::from(payload_offset)) as *const _,
+            );
+            if ret == 0 {
+                copied = cap;
+            }
+        }
+        (*event).cap_len = copied;
+    }
+    entry.submit(0);
     Ok(())
 }
 

@@ -86,7 +86,30 @@ fn probe(args: &CheckArgs, report: &mut Report) {
     report.ok("cgroup v2 root", root.display().to_string());
 
     capture::raise_memlock_limit();
-    let mut ebpf = match capture::load(&args.common.ports, 1 << 20) {
+    let support = match crate::btf::KernelBtf::from_sys_fs()
+        .map_err(capture::DropSupportError::from)
+        .and_then(|btf| capture::drop_support(&btf))
+    {
+        Ok(support) => {
+            report.ok(
+                "kernel struct offsets",
+                format!(
+                    "sk_buff, net_device, net found; {} drop reason names",
+                    support.reasons.len()
+                ),
+            );
+            Some(support)
+        }
+        Err(e) => {
+            report.fail("kernel struct offsets", e.to_string(), false);
+            None
+        }
+    };
+    let offsets = support
+        .as_ref()
+        .map(|s| s.offsets)
+        .unwrap_or(dnsprobe_common::KernelOffsets::UNSET);
+    let mut ebpf = match capture::load(&args.common.ports, 1 << 20, &offsets) {
         Ok(ebpf) => {
             report.ok(
                 "load",
@@ -133,6 +156,24 @@ fn probe(args: &CheckArgs, report: &mut Report) {
             Err(e) => report.fail(hook, format!("{:#}", anyhow::Error::from(e)), true),
         }
     }
+    if support.is_some() {
+        match capture::attach_drop_program(&mut ebpf) {
+            Ok(()) => report.ok(
+                "tp_btf/kfree_skb",
+                "loads and attaches (DNS packet drops with kernel reasons)",
+            ),
+            Err(e) => report.fail(
+                "tp_btf/kfree_skb",
+                format!("{:#}; drops will not be reported", anyhow::Error::from(e)),
+                false,
+            ),
+        }
+    }
+    report.fail(
+        "fexit/__nf_conntrack_confirm",
+        "not used: conntrack insert failures are told by the namespace's insert_failed counter",
+        false,
+    );
     // Dropping the object detaches the probes' links.
     drop(ebpf);
 }

@@ -66,6 +66,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 8 * 1024 * 1024, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
 
+    /// A lookup (one name asked by one process) ends after this long without new queries.
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
+    pub lookup_idle: Duration,
+
+    /// Answers slower than this are diagnosed as `slow_upstream`.
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
+    pub slow_threshold: Duration,
+
     /// Interval between periodic statistics lines on stderr (0 disables them).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration_or_zero)]
     pub stats_interval: Duration,

@@ -38,6 +38,8 @@ pub struct Sender {
 pub enum Outcome {
     Answered,
     Unanswered,
+    /// Never answered, and the kernel dropped one of its packets.
+    Dropped,
 }
 
 impl Outcome {
@@ -45,8 +47,44 @@ impl Outcome {
         match self {
             Outcome::Answered => "answered",
             Outcome::Unanswered => "unanswered",
+            Outcome::Dropped => "dropped",
         }
     }
+}
+
+/// Which packet of a query exchange the kernel dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DroppedPacket {
+    Query,
+    Response,
+}
+
+impl DroppedPacket {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DroppedPacket::Query => "query",
+            DroppedPacket::Response => "response",
+        }
+    }
+}
+
+/// A kernel drop, explained, as attached to a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropRecord {
+    pub ts_ns: u64,
+    pub packet: DroppedPacket,
+    /// Kernel drop reason name (`NETFILTER_DROP`, `NO_SOCKET`, ...).
+    pub reason: String,
+    /// What dnsprobe concluded: `conntrack_insert_failed`, `netfilter_drop`, or the reason
+    /// in lower case.
+    pub kind: String,
+    /// Extra detail (`chaintoolong`, `clash`, why the kind is uncertain).
+    pub detail: Option<String>,
+    pub location: String,
+    pub netns_inum: u32,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub dns_id: Option<u16>,
 }
 
 /// A query that is over: answered, or timed out.
@@ -67,6 +105,7 @@ pub struct FinishedQuery {
     pub truncated: bool,
     pub answers: Vec<String>,
     pub sender: Sender,
+    pub drops: Vec<DropRecord>,
 }
 
 impl FinishedQuery {
@@ -80,6 +119,31 @@ impl FinishedQuery {
     }
 }
 
+/// What one packet did to the tracker.
+#[derive(Debug)]
+pub enum Observation {
+    /// Not a client packet (a server's socket), or nothing to report.
+    Nothing,
+    /// A new query began.
+    Started,
+    /// A pending query was sent again.
+    Resent,
+    /// A response ended a query.
+    Finished(FinishedQuery),
+    /// A response matched no pending query: late, duplicate, or its query was not seen.
+    Unmatched(Packet),
+}
+
+impl Observation {
+    #[cfg(test)]
+    fn finished(self) -> Option<FinishedQuery> {
+        match self {
+            Observation::Finished(q) => Some(q),
+            _ => None,
+        }
+    }
+}
+
 struct Pending {
     query: FinishedQuery,
     /// Position in `order`.
@@ -89,6 +153,8 @@ struct Pending {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct TrackerStats {
     pub queries: u64,
+    /// Drops linked to a pending query.
+    pub drops_linked: u64,
     pub resends: u64,
     pub answered: u64,
     pub unanswered: u64,
@@ -100,6 +166,9 @@ pub struct TrackerStats {
 
 pub struct QueryTracker {
     pending: HashMap<QueryKey, Pending>,
+    /// Client address and DNS id of each pending query: what a dropped packet can be matched
+    /// by, since a forwarded packet has no socket and may already be NATed towards a backend.
+    by_client: HashMap<(SocketAddr, u16), QueryKey>,
     /// Pending queries in first-send order (by `seq`), with their first-send time: holds only
     /// live entries, so its size is bounded like `pending`.
     order: BTreeMap<u64, (u64, QueryKey)>,
@@ -113,6 +182,7 @@ impl QueryTracker {
     pub fn new(timeout_ns: u64, max_inflight: usize) -> Self {
         Self {
             pending: HashMap::new(),
+            by_client: HashMap::new(),
             order: BTreeMap::new(),
             timeout_ns,
             max_inflight: max_inflight.max(1),
@@ -134,19 +204,16 @@ impl QueryTracker {
         &mut self,
         packet: Packet,
         sender: impl FnOnce(&Packet) -> Sender,
-    ) -> Option<FinishedQuery> {
+    ) -> Observation {
         match (packet.direction, packet.message.is_response) {
-            (Direction::Egress, false) => {
-                self.on_query(packet, sender);
-                None
-            }
+            (Direction::Egress, false) => self.on_query(packet, sender),
             (Direction::Ingress, true) => self.on_response(packet),
             // A query arriving or a response leaving: this socket is a server's, not a client's.
-            _ => None,
+            _ => Observation::Nothing,
         }
     }
 
-    fn on_query(&mut self, packet: Packet, sender: impl FnOnce(&Packet) -> Sender) {
+    fn on_query(&mut self, packet: Packet, sender: impl FnOnce(&Packet) -> Sender) -> Observation {
         let (qname_lower, qtype) = packet.message.question.key();
         let key = QueryKey {
             socket_cookie: packet.socket_cookie,
@@ -157,7 +224,7 @@ impl QueryTracker {
         if let Some(pending) = self.pending.get_mut(&key) {
             pending.query.send_ts_ns.push(packet.ts_ns);
             self.stats.resends += 1;
-            return;
+            return Observation::Resent;
         }
         if self.pending.len() >= self.max_inflight {
             self.evict_oldest();
@@ -166,6 +233,8 @@ impl QueryTracker {
         self.next_seq += 1;
         self.stats.queries += 1;
         self.order.insert(seq, (packet.ts_ns, key.clone()));
+        self.by_client
+            .insert((packet.src, packet.message.id), key.clone());
         let sender = sender(&packet);
         let message = packet.message;
         self.pending.insert(
@@ -187,12 +256,14 @@ impl QueryTracker {
                     truncated: false,
                     answers: Vec::new(),
                     sender,
+                    drops: Vec::new(),
                 },
             },
         );
+        Observation::Started
     }
 
-    fn on_response(&mut self, packet: Packet) -> Option<FinishedQuery> {
+    fn on_response(&mut self, packet: Packet) -> Observation {
         let (qname_lower, qtype) = packet.message.question.key();
         let key = QueryKey {
             socket_cookie: packet.socket_cookie,
@@ -202,16 +273,17 @@ impl QueryTracker {
         };
         let Some(Pending { mut query, seq }) = self.pending.remove(&key) else {
             self.stats.unmatched_responses += 1;
-            return None;
+            return Observation::Unmatched(packet);
         };
         self.order.remove(&seq);
+        self.forget_client(&query, &key);
         self.stats.answered += 1;
         query.response_ts_ns = Some(packet.ts_ns);
         query.outcome = Outcome::Answered;
         query.rcode = Some(packet.message.rcode);
         query.truncated = packet.message.truncated;
         query.answers = packet.message.answers;
-        Some(query)
+        Observation::Finished(query)
     }
 
     /// Ends every query whose first send is older than the timeout at kernel time `now_ns`.
@@ -221,8 +293,17 @@ impl QueryTracker {
                 break;
             }
             let (_, key) = entry.remove();
-            if let Some(pending) = self.pending.remove(&key) {
+            if let Some(mut pending) = self.pending.remove(&key) {
+                self.forget_client(&pending.query, &key);
                 self.stats.unanswered += 1;
+                if pending
+                    .query
+                    .drops
+                    .iter()
+                    .any(|d| d.packet == DroppedPacket::Query)
+                {
+                    pending.query.outcome = Outcome::Dropped;
+                }
                 out.push(pending.query);
             }
         }
@@ -230,10 +311,40 @@ impl QueryTracker {
 
     fn evict_oldest(&mut self) {
         if let Some((_, (_, key))) = self.order.pop_first() {
-            if self.pending.remove(&key).is_some() {
+            if let Some(pending) = self.pending.remove(&key) {
+                self.forget_client(&pending.query, &key);
                 self.stats.evicted += 1;
             }
         }
+    }
+
+    fn forget_client(&mut self, query: &FinishedQuery, key: &QueryKey) {
+        let client_key = (query.client, query.id);
+        if self.by_client.get(&client_key) == Some(key) {
+            self.by_client.remove(&client_key);
+        }
+    }
+
+    /// Attaches a drop to the pending query it belongs to: a dropped query is matched by its
+    /// source (the client), a dropped response by its destination. Returns the drop back when
+    /// no pending query matches.
+    pub fn on_drop(&mut self, drop: DropRecord) -> Option<DropRecord> {
+        let Some(id) = drop.dns_id else {
+            return Some(drop);
+        };
+        let client = match drop.packet {
+            DroppedPacket::Query => drop.src,
+            DroppedPacket::Response => drop.dst,
+        };
+        let Some(key) = self.by_client.get(&(client, id)) else {
+            return Some(drop);
+        };
+        let Some(pending) = self.pending.get_mut(key) else {
+            return Some(drop);
+        };
+        self.stats.drops_linked += 1;
+        pending.query.drops.push(drop);
+        None
     }
 }
 
@@ -299,18 +410,21 @@ mod tests {
                 packet(Direction::Egress, 1_000, 1, 42, "a.test.", false),
                 sender
             )
+            .finished()
             .is_none());
         assert!(t
             .observe(
                 packet(Direction::Egress, 1_500, 1, 42, "a.test.", false),
                 sender
             )
+            .finished()
             .is_none());
         let done = t
             .observe(
                 packet(Direction::Ingress, 2_000, 1, 42, "A.TEST.", true),
                 sender,
             )
+            .finished()
             .expect("matched");
         assert_eq!(done.latency_ns(), Some(1_000));
         assert_eq!(done.send_ts_ns, vec![1_000, 1_500]);
@@ -334,18 +448,21 @@ mod tests {
                 packet(Direction::Ingress, 2, 2, 42, "a.test.", true),
                 sender
             )
+            .finished()
             .is_none());
         assert!(t
             .observe(
                 packet(Direction::Ingress, 2, 1, 43, "a.test.", true),
                 sender
             )
+            .finished()
             .is_none());
         assert!(t
             .observe(
                 packet(Direction::Ingress, 2, 1, 42, "b.test.", true),
                 sender
             )
+            .finished()
             .is_none());
         assert_eq!(t.stats().unmatched_responses, 3);
         assert_eq!(t.in_flight(), 1);
@@ -388,6 +505,7 @@ mod tests {
                 packet(Direction::Ingress, 1_200, 1, 42, "a.test.", true),
                 sender
             )
+            .finished()
             .is_none());
         t.expire(10_000, &mut out);
         assert_eq!(out.len(), 2);
@@ -418,6 +536,71 @@ mod tests {
         assert_eq!(out[0].send_ts_ns, vec![300]);
     }
 
+    fn drop_of(packet: DroppedPacket, id: u16) -> DropRecord {
+        let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        // A forwarded query already DNATed to a backend: only the client side still matches.
+        let backend: SocketAddr = "10.9.9.9:53".parse().unwrap();
+        let (src, dst) = match packet {
+            DroppedPacket::Query => (client, backend),
+            DroppedPacket::Response => (backend, client),
+        };
+        DropRecord {
+            ts_ns: 150,
+            packet,
+            reason: "NETFILTER_DROP".into(),
+            kind: "conntrack_insert_failed".into(),
+            detail: Some("chaintoolong".into()),
+            location: "nf_hook_slow+0x4c".into(),
+            netns_inum: 1,
+            src,
+            dst,
+            dns_id: Some(id),
+        }
+    }
+
+    #[test]
+    fn dropped_query_is_linked_and_outcome_says_dropped() {
+        let mut t = QueryTracker::new(1_000, 16);
+        t.observe(
+            packet(Direction::Egress, 100, 1, 42, "a.test.", false),
+            sender,
+        );
+        assert!(t.on_drop(drop_of(DroppedPacket::Query, 42)).is_none());
+        // Another id does not link.
+        assert!(t.on_drop(drop_of(DroppedPacket::Query, 43)).is_some());
+        let mut out = Vec::new();
+        t.expire(1_100, &mut out);
+        assert_eq!(out[0].outcome, Outcome::Dropped);
+        assert_eq!(out[0].drops.len(), 1);
+        assert_eq!(out[0].drops[0].kind, "conntrack_insert_failed");
+        // Once finished, nothing links any more.
+        assert!(t.on_drop(drop_of(DroppedPacket::Query, 42)).is_some());
+    }
+
+    #[test]
+    fn dropped_query_then_answered_resend_stays_answered() {
+        let mut t = QueryTracker::new(10_000, 16);
+        t.observe(
+            packet(Direction::Egress, 100, 1, 42, "a.test.", false),
+            sender,
+        );
+        assert!(t.on_drop(drop_of(DroppedPacket::Query, 42)).is_none());
+        t.observe(
+            packet(Direction::Egress, 5_100, 1, 42, "a.test.", false),
+            sender,
+        );
+        let done = t
+            .observe(
+                packet(Direction::Ingress, 5_200, 1, 42, "a.test.", true),
+                sender,
+            )
+            .finished()
+            .unwrap();
+        assert_eq!(done.outcome, Outcome::Answered);
+        assert_eq!(done.send_ts_ns, vec![100, 5_100]);
+        assert_eq!(done.drops.len(), 1);
+    }
+
     #[test]
     fn inflight_is_bounded_with_eviction_counted() {
         let mut t = QueryTracker::new(u64::MAX, 3);
@@ -435,12 +618,136 @@ mod tests {
                 packet(Direction::Ingress, 20, 1, 9, "a.test.", true),
                 sender
             )
+            .finished()
             .is_some());
         assert!(t
             .observe(
                 packet(Direction::Ingress, 20, 1, 0, "a.test.", true),
                 sender
             )
+            .finished()
             .is_none());
+    }
+}
+
+/// Queries that ended recently, by client address and DNS id, so that a response arriving after
+/// its query ended (or dropped on the way to a socket that is gone) can still be tied to it.
+pub struct RecentQueries {
+    by_client: HashMap<(SocketAddr, u16), RecentQuery>,
+    /// (when remembered, key, seq): seq tells a stale entry from the current one of its key.
+    order: std::collections::VecDeque<(u64, (SocketAddr, u16), u64)>,
+    keep_ns: u64,
+    cap: usize,
+    next_seq: u64,
+}
+
+#[derive(Debug, Clone)]
+struct RecentQuery {
+    qname: String,
+    qtype: u16,
+    first_send_ns: u64,
+    answered: bool,
+    pid: Option<u32>,
+    cgroup_id: u64,
+    seq: u64,
+}
+
+impl RecentQueries {
+    pub fn new(keep_ns: u64, cap: usize) -> Self {
+        Self {
+            by_client: HashMap::new(),
+            order: std::collections::VecDeque::new(),
+            keep_ns,
+            cap: cap.max(1),
+            next_seq: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_client.len()
+    }
+
+    pub fn remember(&mut self, q: &FinishedQuery, now_ns: u64) {
+        while self.order.len() >= self.cap {
+            self.pop_oldest();
+        }
+        let key = (q.client, q.id);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.by_client.insert(
+            key,
+            RecentQuery {
+                qname: q.qname.clone(),
+                qtype: q.qtype,
+                first_send_ns: q.first_send_ns(),
+                answered: q.outcome == Outcome::Answered,
+                pid: q.sender.pid,
+                cgroup_id: q.sender.cgroup_id,
+                seq,
+            },
+        );
+        self.order.push_back((now_ns, key, seq));
+    }
+
+    pub fn expire(&mut self, now_ns: u64) {
+        while let Some((at, _, _)) = self.order.front() {
+            if now_ns.saturating_sub(*at) < self.keep_ns {
+                break;
+            }
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((_, key, seq)) = self.order.pop_front() {
+            // A later remember() of the same key replaced this entry: keep that one.
+            if self.by_client.get(&key).is_some_and(|r| r.seq == seq) {
+                self.by_client.remove(&key);
+            }
+        }
+    }
+
+    /// A response that matched no pending query.
+    pub fn late_response(&self, packet: &Packet) -> Option<crate::lookup::LateArrival> {
+        let recent = self.by_client.get(&(packet.dst, packet.message.id))?;
+        if !recent
+            .qname
+            .eq_ignore_ascii_case(&packet.message.question.name)
+            || recent.qtype != packet.message.question.qtype
+        {
+            return None;
+        }
+        Some(crate::lookup::LateArrival {
+            ts_ns: packet.ts_ns,
+            id: packet.message.id,
+            qname: recent.qname.clone(),
+            qtype: recent.qtype,
+            after_first_send_ns: packet.ts_ns.saturating_sub(recent.first_send_ns),
+            why: if recent.answered {
+                "duplicate".into()
+            } else {
+                "after_timeout".into()
+            },
+            pid: recent.pid,
+            cgroup_id: recent.cgroup_id,
+        })
+    }
+
+    /// A dropped response whose query already ended (the client closed its socket, say).
+    pub fn late_drop(&self, drop: &DropRecord) -> Option<crate::lookup::LateArrival> {
+        if drop.packet != DroppedPacket::Response {
+            return None;
+        }
+        let recent = self.by_client.get(&(drop.dst, drop.dns_id?))?;
+        Some(crate::lookup::LateArrival {
+            ts_ns: drop.ts_ns,
+            id: drop.dns_id?,
+            qname: recent.qname.clone(),
+            qtype: recent.qtype,
+            after_first_send_ns: drop.ts_ns.saturating_sub(recent.first_send_ns),
+            why: drop.reason.clone(),
+            pid: recent.pid,
+            cgroup_id: recent.cgroup_id,
+        })
     }
 }

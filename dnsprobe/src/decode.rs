@@ -21,6 +21,10 @@ pub enum DecodeError {
     ShortRecord(usize),
     #[error("event has unknown address family {0}")]
     BadFamily(u8),
+    #[error("event has unknown transport protocol {0}")]
+    BadProtocol(u8),
+    #[error("TCP segment does not start with a DNS message (length prefix {0})")]
+    NotMessageStart(usize),
     #[error("event has unknown direction {0}")]
     BadDirection(u8),
     #[error("event claims {0} captured bytes")]
@@ -131,14 +135,17 @@ pub fn decode_event(event: &DnsEvent) -> Result<Packet, DecodeError> {
     let transport = match event.l4_proto {
         PROTO_TCP => Transport::Tcp,
         PROTO_UDP => Transport::Udp,
-        _ => Transport::Udp,
+        other => return Err(DecodeError::BadProtocol(other)),
     };
     let cap = event.cap_len as usize;
     if cap > DNS_CAPTURE_LEN {
         return Err(DecodeError::BadCaptureLength(event.cap_len));
     }
-    let cut_short = event.msg_len > event.cap_len;
-    let message = decode_message(&event.msg[..cap], cut_short)?;
+    let captured = &event.msg[..cap];
+    let message = match transport {
+        Transport::Udp => decode_message(captured, event.msg_len > event.cap_len)?,
+        Transport::Tcp => decode_tcp_segment(captured)?,
+    };
     let (pid, tid, comm) = if direction == Direction::Egress && event.pid_tgid != 0 {
         (
             Some((event.pid_tgid >> 32) as u32),
@@ -173,6 +180,20 @@ fn comm_string(comm: &[u8; 16]) -> Option<String> {
         return None;
     }
     Some(String::from_utf8_lossy(&comm[..end]).into_owned())
+}
+
+/// DNS over TCP prefixes each message with its 16-bit length (RFC 1035 4.2.2). Only segments
+/// that start a message are decoded; a message spread over segments is read from its first.
+pub fn decode_tcp_segment(segment: &[u8]) -> Result<DnsMessage, DecodeError> {
+    let Some((prefix, rest)) = segment.split_first_chunk::<2>() else {
+        return Err(DecodeError::ShortHeader);
+    };
+    let len = usize::from(u16::from_be_bytes(*prefix));
+    if len < 12 {
+        return Err(DecodeError::NotMessageStart(len));
+    }
+    let cut_short = rest.len() < len;
+    decode_message(&rest[..len.min(rest.len())], cut_short)
 }
 
 /// Parses a DNS message. `cut_short` says the bytes are a prefix of a longer message.
@@ -434,6 +455,30 @@ mod tests {
     }
 
     #[test]
+    fn tcp_segments_strip_the_length_prefix() {
+        let mut seg = vec![0, QUERY_A.len() as u8];
+        seg.extend_from_slice(QUERY_A);
+        let m = decode_tcp_segment(&seg).unwrap();
+        assert_eq!(m.id, 0x1234);
+        assert!(!m.partial);
+        // The first segment of a message spread over several: header and question survive.
+        let resp = response_a();
+        let mut seg = (resp.len() as u16).to_be_bytes().to_vec();
+        seg.extend_from_slice(&resp[..resp.len() - 3]);
+        let m = decode_tcp_segment(&seg).unwrap();
+        assert!(m.is_response);
+        assert!(m.partial);
+        // A continuation segment is not a message start.
+        assert!(decode_tcp_segment(&[0, 3, 1, 2, 3]).is_err());
+        assert!(decode_tcp_segment(&[0]).is_err());
+        // Zero-length message.
+        assert_eq!(
+            decode_tcp_segment(&[0, 0]).unwrap_err(),
+            DecodeError::NotMessageStart(0)
+        );
+    }
+
+    #[test]
     fn unknown_type_uses_generic_form() {
         assert_eq!(qtype_name(65280), "TYPE65280");
         assert_eq!(qtype_name(28), "AAAA");
@@ -479,6 +524,7 @@ mod tests {
     fn bad_capture_length_rejected() {
         let mut ev: DnsEvent = unsafe { std::mem::zeroed() };
         ev.family = FAMILY_IPV4;
+        ev.l4_proto = PROTO_UDP;
         ev.cap_len = 9999;
         assert_eq!(
             decode_event(&ev).unwrap_err(),

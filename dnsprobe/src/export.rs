@@ -5,8 +5,9 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use crate::{
-    correlate::{FinishedQuery, Outcome},
+    correlate::{DropRecord, FinishedQuery, Outcome},
     decode::{qtype_name, rcode_name},
+    lookup::{Diagnosis, LateArrival, LookupRecord, ResolverConfig},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +106,77 @@ struct QueryRecord<'a> {
     cgroup_id: u64,
     cgroup_path: Option<&'a str>,
     socket_cookie: u64,
+    drops: Vec<DropJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct DropJson<'a> {
+    time: String,
+    packet: &'static str,
+    reason: &'a str,
+    kind: &'a str,
+    detail: Option<&'a str>,
+    location: &'a str,
+    netns: u32,
+    src: String,
+    dst: String,
+    dns_id: Option<u16>,
+}
+
+impl<'a> DropJson<'a> {
+    fn new(d: &'a DropRecord, clock: &WallClock) -> Self {
+        Self {
+            time: rfc3339_nanos(clock.wall_ns(d.ts_ns)),
+            packet: d.packet.as_str(),
+            reason: &d.reason,
+            kind: &d.kind,
+            detail: d.detail.as_deref(),
+            location: &d.location,
+            netns: d.netns_inum,
+            src: d.src.to_string(),
+            dst: d.dst.to_string(),
+            dns_id: d.dns_id,
+        }
+    }
+}
+
+/// A drop that matched no pending query (its query already ended, or was never seen).
+#[derive(Serialize)]
+struct DropEventRecord<'a> {
+    event: &'static str,
+    #[serde(flatten)]
+    drop: DropJson<'a>,
+}
+
+#[derive(Serialize)]
+struct LookupJson<'a> {
+    event: &'static str,
+    time: String,
+    name: &'a str,
+    duration_ns: u64,
+    queries: usize,
+    search_expansions: usize,
+    final_rcode: Option<&'a str>,
+    answers: &'a [String],
+    pid: Option<u32>,
+    comm: Option<&'a str>,
+    cgroup_id: u64,
+    cgroup_path: Option<&'a str>,
+    resolver: Option<&'a ResolverConfig>,
+    diagnosis: &'a [Diagnosis],
+}
+
+#[derive(Serialize)]
+struct LateJson<'a> {
+    event: &'static str,
+    time: String,
+    qname: &'a str,
+    qtype: String,
+    id: u16,
+    why: &'a str,
+    after_first_send_ns: u64,
+    pid: Option<u32>,
+    cgroup_id: u64,
 }
 
 pub enum RecordFormat {
@@ -163,12 +235,135 @@ impl<W: Write> RecordWriter<W> {
                     cgroup_id: q.sender.cgroup_id,
                     cgroup_path: q.sender.cgroup_path.as_deref(),
                     socket_cookie: q.socket_cookie,
+                    drops: q
+                        .drops
+                        .iter()
+                        .map(|d| DropJson::new(d, &self.clock))
+                        .collect(),
                 };
                 serde_json::to_writer(&mut self.out, &record)?;
                 self.out.write_all(b"\n")?;
             }
             RecordFormat::Text => {
                 let line = text_line(q, &self.clock);
+                self.out.write_all(line.as_bytes())?;
+            }
+        }
+        self.written += 1;
+        Ok(())
+    }
+
+    pub fn write_drop(&mut self, d: &DropRecord) -> Result<(), ExportError> {
+        match self.format {
+            RecordFormat::Json => {
+                let record = DropEventRecord {
+                    event: "drop",
+                    drop: DropJson::new(d, &self.clock),
+                };
+                serde_json::to_writer(&mut self.out, &record)?;
+                self.out.write_all(b"\n")?;
+            }
+            RecordFormat::Text => {
+                let time = rfc3339_nanos(self.clock.wall_ns(d.ts_ns));
+                let line = format!(
+                    "{} DROP     {:>10} {} {} -> {} {}{} at {} netns {}\n",
+                    time.get(11..26).unwrap_or(&time),
+                    d.packet.as_str(),
+                    d.reason,
+                    d.src,
+                    d.dst,
+                    d.kind,
+                    d.detail
+                        .as_deref()
+                        .map(|x| format!(" ({x})"))
+                        .unwrap_or_default(),
+                    d.location,
+                    d.netns_inum,
+                );
+                self.out.write_all(line.as_bytes())?;
+            }
+        }
+        self.written += 1;
+        Ok(())
+    }
+
+    pub fn write_lookup(&mut self, l: &LookupRecord) -> Result<(), ExportError> {
+        match self.format {
+            RecordFormat::Json => {
+                let record = LookupJson {
+                    event: l.event,
+                    time: rfc3339_nanos(self.clock.wall_ns(l.time_ns)),
+                    name: &l.name,
+                    duration_ns: l.duration_ns,
+                    queries: l.queries,
+                    search_expansions: l.search_expansions,
+                    final_rcode: l.final_rcode.as_deref(),
+                    answers: &l.answers,
+                    pid: l.pid,
+                    comm: l.comm.as_deref(),
+                    cgroup_id: l.cgroup_id,
+                    cgroup_path: l.cgroup_path.as_deref(),
+                    resolver: l.resolver.as_ref(),
+                    diagnosis: &l.diagnosis,
+                };
+                serde_json::to_writer(&mut self.out, &record)?;
+                self.out.write_all(b"\n")?;
+            }
+            RecordFormat::Text => {
+                let time = rfc3339_nanos(self.clock.wall_ns(l.time_ns));
+                let who = match (&l.comm, l.pid) {
+                    (Some(comm), Some(pid)) => format!("{comm}[{pid}]"),
+                    (None, Some(pid)) => format!("[{pid}]"),
+                    _ => "-".to_owned(),
+                };
+                let mut line = format!(
+                    "{} LOOKUP {:<8} {:>10} {} queries={} expansions={} {who} {}\n",
+                    time.get(11..26).unwrap_or(&time),
+                    l.final_rcode.as_deref().unwrap_or("NO-REPLY"),
+                    format_latency(l.duration_ns),
+                    l.name,
+                    l.queries,
+                    l.search_expansions,
+                    l.cgroup_path.as_deref().unwrap_or("?"),
+                );
+                for d in &l.diagnosis {
+                    line.push_str(&format!("    {}: {}\n", d.code, d.message));
+                }
+                self.out.write_all(line.as_bytes())?;
+            }
+        }
+        self.written += 1;
+        Ok(())
+    }
+
+    pub fn write_late(&mut self, l: &LateArrival) -> Result<(), ExportError> {
+        match self.format {
+            RecordFormat::Json => {
+                let record = LateJson {
+                    event: "late_response",
+                    time: rfc3339_nanos(self.clock.wall_ns(l.ts_ns)),
+                    qname: &l.qname,
+                    qtype: qtype_name(l.qtype),
+                    id: l.id,
+                    why: &l.why,
+                    after_first_send_ns: l.after_first_send_ns,
+                    pid: l.pid,
+                    cgroup_id: l.cgroup_id,
+                };
+                serde_json::to_writer(&mut self.out, &record)?;
+                self.out.write_all(b"\n")?;
+            }
+            RecordFormat::Text => {
+                let time = rfc3339_nanos(self.clock.wall_ns(l.ts_ns));
+                let line = format!(
+                    "{} LATE     {:>10} {:<5} {} id={} ({})\n",
+                    time.get(11..26).unwrap_or(&time),
+                    format_latency(l.after_first_send_ns),
+                    qtype_name(l.qtype),
+                    l.qname,
+                    l.id,
+                    l.why
+                );
                 self.out.write_all(line.as_bytes())?;
             }
         }
@@ -199,19 +394,30 @@ fn text_line(q: &FinishedQuery, clock: &WallClock) -> String {
             format_latency(q.latency_ns().unwrap_or_default())
         ),
         Outcome::Unanswered => format!("{:<8} {:>10}", "NO-REPLY", "-"),
+        Outcome::Dropped => format!("{:<8} {:>10}", "DROPPED", "-"),
+    };
+    let tcp = if q.transport == crate::decode::Transport::Tcp {
+        " tcp"
+    } else {
+        ""
     };
     let resent = if q.send_ts_ns.len() > 1 {
         format!(" sends={}", q.send_ts_ns.len())
     } else {
         String::new()
     };
+    let drops: String = q
+        .drops
+        .iter()
+        .map(|d| format!(" drop={}:{}", d.packet.as_str(), d.kind))
+        .collect();
     let answers = if q.answers.is_empty() {
         String::new()
     } else {
         format!(" [{}]", q.answers.join(", "))
     };
     format!(
-        "{time_of_day} {result} {:<5} {} {} -> {} {who} {cgroup}{resent}{answers}\n",
+        "{time_of_day} {result} {:<5} {} {} -> {} {who} {cgroup}{tcp}{resent}{drops}{answers}\n",
         qtype_name(q.qtype),
         q.qname,
         q.client,
@@ -257,6 +463,7 @@ mod tests {
                 cgroup_id: 77,
                 cgroup_path: Some("/t".into()),
             },
+            drops: Vec::new(),
         }
     }
 

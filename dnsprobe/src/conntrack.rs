@@ -1,0 +1,306 @@
+//! Tells conntrack insert failures apart from other netfilter drops.
+//!
+//! Both reach `kfree_skb` as NETFILTER_DROP from `nf_hook_slow`; what differs is that an insert
+//! failure bumps the `insert_failed` counter of the network namespace it happened in. So the
+//! counters of every namespace are sampled (at start, then periodically as a baseline) and read
+//! again when a DNS packet is dropped by netfilter: a rise since the baseline means conntrack.
+
+use std::{
+    collections::HashMap,
+    fs, io,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConntrackError {
+    #[error("network namespace {0} is not known (no process or /run/netns entry holds it)")]
+    UnknownNetns(u32),
+    #[error("entering network namespace {inum} through {path}")]
+    Enter {
+        inum: u32,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading conntrack statistics of network namespace {inum}")]
+    Read {
+        inum: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("conntrack statistics have no `{0}` column")]
+    NoColumn(&'static str),
+    #[error("the statistics reader thread panicked")]
+    ThreadPanicked,
+}
+
+/// Sums of the per-CPU conntrack counters of one namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConntrackCounters {
+    pub insert_failed: u64,
+    /// `chainlength` column: inserts refused because a hash chain grew too long.
+    pub chaintoolong: u64,
+    pub clash_resolved: u64,
+    pub drop: u64,
+}
+
+/// Parses `/proc/net/stat/nf_conntrack`: a header of column names, then one line per CPU of
+/// hexadecimal values. Columns are found by name since their set changes between kernels.
+pub fn parse_stat(text: &str) -> Result<ConntrackCounters, ConntrackError> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .map(|h| h.split_whitespace().collect())
+        .unwrap_or_default();
+    let col = |name: &'static str| header.iter().position(|h| *h == name);
+    let insert_failed = col("insert_failed").ok_or(ConntrackError::NoColumn("insert_failed"))?;
+    let chain = col("chainlength");
+    let clash = col("clashres");
+    let drop = col("drop");
+    let mut sum = ConntrackCounters::default();
+    for line in lines {
+        let values: Vec<u64> = line
+            .split_whitespace()
+            .map(|v| u64::from_str_radix(v, 16).unwrap_or(0))
+            .collect();
+        let get = |i: Option<usize>| i.and_then(|i| values.get(i)).copied().unwrap_or(0);
+        sum.insert_failed += get(Some(insert_failed));
+        sum.chaintoolong += get(chain);
+        sum.clash_resolved += get(clash);
+        sum.drop += get(drop);
+    }
+    Ok(sum)
+}
+
+/// How a netfilter drop of a DNS packet is explained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetfilterVerdict {
+    /// `insert_failed` of the namespace rose since the last reading.
+    InsertFailed {
+        insert_failed_delta: u64,
+        /// `chaintoolong` when that counter rose too, else `clash`.
+        detail: &'static str,
+    },
+    /// The counter did not move: a rule (or another hook) dropped it.
+    OtherNetfilter,
+    /// No baseline for this namespace, or its counters could not be read.
+    Unknown(String),
+}
+
+struct Baseline {
+    counters: ConntrackCounters,
+}
+
+/// Finds network namespaces by inode number and keeps a baseline of their conntrack counters.
+pub struct ConntrackWatch {
+    proc_root: PathBuf,
+    named_netns_dir: PathBuf,
+    /// inum -> a file that refers to the namespace.
+    handles: HashMap<u32, PathBuf>,
+    baselines: HashMap<u32, Baseline>,
+    last_refresh: Option<Instant>,
+    refresh_every: Duration,
+    pub read_errors: u64,
+}
+
+/// Namespaces tracked at most; beyond that the oldest baselines are rebuilt from scratch.
+const MAX_NAMESPACES: usize = 16_384;
+
+impl ConntrackWatch {
+    pub fn new(refresh_every: Duration) -> Self {
+        Self {
+            proc_root: PathBuf::from("/proc"),
+            named_netns_dir: PathBuf::from("/run/netns"),
+            handles: HashMap::new(),
+            baselines: HashMap::new(),
+            last_refresh: None,
+            refresh_every,
+            read_errors: 0,
+        }
+    }
+
+    pub fn namespaces(&self) -> usize {
+        self.baselines.len()
+    }
+
+    /// Re-reads the baseline of every namespace when `refresh_every` has passed.
+    pub fn refresh_if_due(&mut self) {
+        if self
+            .last_refresh
+            .is_some_and(|at| at.elapsed() < self.refresh_every)
+        {
+            return;
+        }
+        self.last_refresh = Some(Instant::now());
+        self.discover();
+        let inums: Vec<u32> = self.handles.keys().copied().collect();
+        for inum in inums {
+            match self.read(inum) {
+                Ok(counters) => {
+                    self.baselines.insert(inum, Baseline { counters });
+                }
+                Err(_) => self.read_errors += 1,
+            }
+        }
+    }
+
+    /// Explains a netfilter drop seen in namespace `inum`, and moves the baseline forward.
+    pub fn classify(&mut self, inum: u32) -> NetfilterVerdict {
+        if !self.handles.contains_key(&inum) {
+            self.discover();
+        }
+        let now = match self.read(inum) {
+            Ok(c) => c,
+            Err(e) => {
+                self.read_errors += 1;
+                return NetfilterVerdict::Unknown(format!("{:#}", anyhow::Error::from(e)));
+            }
+        };
+        let previous = self
+            .baselines
+            .insert(inum, Baseline { counters: now })
+            .map(|b| b.counters);
+        let Some(before) = previous else {
+            return NetfilterVerdict::Unknown(format!(
+                "no earlier conntrack reading of network namespace {inum}"
+            ));
+        };
+        let delta = now.insert_failed.saturating_sub(before.insert_failed);
+        if delta == 0 {
+            return NetfilterVerdict::OtherNetfilter;
+        }
+        let detail = if now.chaintoolong > before.chaintoolong {
+            "chaintoolong"
+        } else {
+            "clash"
+        };
+        NetfilterVerdict::InsertFailed {
+            insert_failed_delta: delta,
+            detail,
+        }
+    }
+
+    /// Maps namespace inode numbers to files that hold them: named namespaces first (they may
+    /// have no process), then every process's.
+    fn discover(&mut self) {
+        if self.handles.len() >= MAX_NAMESPACES {
+            self.handles.clear();
+            self.baselines.clear();
+        }
+        if let Ok(entries) = fs::read_dir(&self.named_netns_dir) {
+            for entry in entries.flatten() {
+                if let Ok(meta) = fs::metadata(entry.path()) {
+                    if let Ok(inum) = u32::try_from(meta.ino()) {
+                        self.handles.entry(inum).or_insert_with(|| entry.path());
+                    }
+                }
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&self.proc_root) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                    continue;
+                }
+                let path = entry.path().join("ns/net");
+                let Ok(link) = fs::read_link(&path) else {
+                    continue;
+                };
+                let inum = link
+                    .to_string_lossy()
+                    .strip_prefix("net:[")
+                    .and_then(|s| s.strip_suffix(']'))
+                    .and_then(|s| s.parse::<u32>().ok());
+                if let Some(inum) = inum {
+                    self.handles.entry(inum).or_insert(path);
+                }
+            }
+        }
+    }
+
+    fn read(&self, inum: u32) -> Result<ConntrackCounters, ConntrackError> {
+        let path = self
+            .handles
+            .get(&inum)
+            .ok_or(ConntrackError::UnknownNetns(inum))?
+            .clone();
+        read_in_netns(inum, &path)
+    }
+}
+
+/// Reads the conntrack statistics as seen from inside a namespace. `setns` changes only the
+/// calling thread, so a short-lived thread does it and the daemon's threads never move.
+pub fn read_in_netns(inum: u32, handle: &Path) -> Result<ConntrackCounters, ConntrackError> {
+    let handle = handle.to_owned();
+    std::thread::spawn(move || -> Result<ConntrackCounters, ConntrackError> {
+        let enter = |source| ConntrackError::Enter {
+            inum,
+            path: handle.clone(),
+            source,
+        };
+        let file = fs::File::open(&handle).map_err(enter)?;
+        // SAFETY: valid fd of a namespace file; affects only this thread, which exits after.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(enter(io::Error::last_os_error()));
+        }
+        let text = fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack")
+            .map_err(|source| ConntrackError::Read { inum, source })?;
+        parse_stat(&text)
+    })
+    .join()
+    .map_err(|_| ConntrackError::ThreadPanicked)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: &str = "\
+entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
+00000010  00000001 00000000 00000000 00000000 00000000 00000000 00000002 00000000 0000000a 00000003 00000000 00000000  00000000 00000000 00000000 00000000
+00000010  00000000 00000000 00000000 00000000 00000000 00000000 00000001 00000000 00000005 00000000 00000000 00000000  00000000 00000000 00000000 00000000
+";
+
+    #[test]
+    fn sums_per_cpu_columns_by_name() {
+        let c = parse_stat(STAT).unwrap();
+        assert_eq!(c.insert_failed, 15);
+        assert_eq!(c.chaintoolong, 3);
+        assert_eq!(c.clash_resolved, 1);
+        assert_eq!(c.drop, 3);
+    }
+
+    #[test]
+    fn missing_column_is_an_error() {
+        assert!(matches!(
+            parse_stat("entries found\n0 0\n"),
+            Err(ConntrackError::NoColumn("insert_failed"))
+        ));
+    }
+
+    #[test]
+    fn reads_own_namespace() {
+        let inum = fs::read_link("/proc/self/ns/net")
+            .ok()
+            .and_then(|l| {
+                l.to_string_lossy()
+                    .trim_start_matches("net:[")
+                    .trim_end_matches(']')
+                    .parse::<u32>()
+                    .ok()
+            })
+            .expect("own netns");
+        if !Path::new("/proc/net/stat/nf_conntrack").exists() {
+            // Without the conntrack module there is nothing to read; the error must say so.
+            assert!(read_in_netns(inum, Path::new("/proc/self/ns/net")).is_err());
+            return;
+        }
+        let mut watch = ConntrackWatch::new(Duration::from_secs(3600));
+        watch.refresh_if_due();
+        assert!(watch.namespaces() >= 1);
+        // Nothing raced an insert here: the verdict must not blame conntrack.
+        assert_eq!(watch.classify(inum), NetfilterVerdict::OtherNetfilter);
+    }
+}

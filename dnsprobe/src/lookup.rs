@@ -1,0 +1,1207 @@
+//! Groups queries into lookups and explains slow or failed ones.
+//!
+//! A lookup is what one resolver call did for one name in one process: the search-list
+//! expansions, A and AAAA, retries, resends and TCP fallback. The process's own resolv.conf
+//! (read through /proc/<pid>/root, so a pod's file, not the node's) tells which query names are
+//! expansions of which asked name. A lookup ends once none of its queries is pending and the
+//! process has asked nothing more about the name for `idle`.
+
+use std::{
+    collections::HashMap,
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::{
+    correlate::{FinishedQuery, Outcome},
+    decode::{qtype_name, rcode_name, Transport},
+};
+
+const RCODE_NOERROR: u16 = 0;
+const RCODE_SERVFAIL: u16 = 2;
+
+/// The parts of resolv.conf that shape a lookup.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ResolverConfig {
+    /// Search domains, fully qualified and lower case (`ns.svc.cluster.local.`).
+    pub search: Vec<String>,
+    pub ndots: u32,
+}
+
+impl ResolverConfig {
+    pub fn parse(text: &str) -> Self {
+        let mut cfg = ResolverConfig {
+            search: Vec::new(),
+            ndots: 1,
+        };
+        for line in text.lines() {
+            let line = line.split(['#', ';']).next().unwrap_or("");
+            let mut words = line.split_whitespace();
+            match words.next() {
+                // The last search or domain line wins, as in glibc and musl.
+                Some("search") | Some("domain") => {
+                    cfg.search = words
+                        .map(|d| {
+                            let d = d.trim_end_matches('.').to_ascii_lowercase();
+                            format!("{d}.")
+                        })
+                        .filter(|d| d != ".")
+                        .collect();
+                }
+                Some("options") => {
+                    for opt in words {
+                        if let Some(n) = opt.strip_prefix("ndots:") {
+                            if let Ok(n) = n.parse::<u32>() {
+                                cfg.ndots = n.min(15);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        cfg
+    }
+
+    /// Splits a query name into the name the program asked for and the search domain added to
+    /// it, if any (the longest matching domain, since domains can nest).
+    pub fn split<'a>(&self, qname_lower: &'a str) -> (&'a str, Option<&str>) {
+        let mut best: Option<&str> = None;
+        for domain in &self.search {
+            if qname_lower.len() > domain.len() + 1
+                && qname_lower.ends_with(domain.as_str())
+                && qname_lower.as_bytes()[qname_lower.len() - domain.len() - 1] == b'.'
+                && best.is_none_or(|b| domain.len() > b.len())
+            {
+                best = Some(domain);
+            }
+        }
+        match best {
+            Some(domain) => (
+                &qname_lower[..qname_lower.len() - domain.len()],
+                Some(domain),
+            ),
+            None => (qname_lower, None),
+        }
+    }
+}
+
+/// Resolver configurations by process, read once per process while it lives, and by cgroup
+/// (a pod's containers share one resolv.conf), for clients that exit before they are read:
+/// then any live process of the cgroup, or of its parent's other children (the pod's other
+/// containers, its pause container), stands in.
+pub struct ResolverConfigs {
+    proc_root: PathBuf,
+    cgroup_root: PathBuf,
+    by_pid: HashMap<u32, (Option<ResolverConfig>, Instant)>,
+    by_cgroup: HashMap<u64, (Option<ResolverConfig>, Instant)>,
+}
+
+const RESOLVER_CONFIG_TTL: Duration = Duration::from_secs(30);
+const MAX_CONFIGS: usize = 65_536;
+/// Processes tried per cgroup scan before giving up (a scan must stay cheap).
+const MAX_STAND_INS: usize = 16;
+
+impl ResolverConfigs {
+    pub fn new(proc_root: PathBuf, cgroup_root: PathBuf) -> Self {
+        Self {
+            proc_root,
+            cgroup_root,
+            by_pid: HashMap::new(),
+            by_cgroup: HashMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_pid.len() + self.by_cgroup.len()
+    }
+
+    fn read_pid(&self, pid: u32) -> Option<ResolverConfig> {
+        let path = self
+            .proc_root
+            .join(pid.to_string())
+            .join("root/etc/resolv.conf");
+        fs::read_to_string(path)
+            .ok()
+            .map(|t| ResolverConfig::parse(&t))
+    }
+
+    /// Reads resolv.conf through a live process of the cgroup or of its sibling cgroups.
+    fn read_cgroup(&self, cgroup_path: &str) -> Option<ResolverConfig> {
+        // The root cgroup holds unrelated host processes: none of them speaks for a client.
+        if cgroup_path == "/" {
+            return None;
+        }
+        let dir = self.cgroup_root.join(cgroup_path.trim_start_matches('/'));
+        let mut dirs = vec![dir.clone()];
+        {
+            if let Some(parent) = dir.parent().filter(|p| *p != self.cgroup_root) {
+                dirs.push(parent.to_owned());
+                if let Ok(entries) = fs::read_dir(parent) {
+                    dirs.extend(
+                        entries
+                            .flatten()
+                            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                            .map(|e| e.path())
+                            .filter(|p| *p != dir)
+                            .take(MAX_STAND_INS),
+                    );
+                }
+            }
+        }
+        let mut tried = 0;
+        for d in dirs {
+            let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) else {
+                continue;
+            };
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                if let Some(cfg) = self.read_pid(pid) {
+                    return Some(cfg);
+                }
+                tried += 1;
+                if tried >= MAX_STAND_INS {
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    pub fn get(
+        &mut self,
+        pid: Option<u32>,
+        cgroup_id: u64,
+        cgroup_path: Option<&str>,
+    ) -> Option<ResolverConfig> {
+        if let Some(pid) = pid {
+            let fresh = self
+                .by_pid
+                .get(&pid)
+                .filter(|(_, at)| at.elapsed() < RESOLVER_CONFIG_TTL)
+                .map(|(cfg, _)| cfg.clone());
+            let cfg = match fresh {
+                Some(cfg) => cfg,
+                None => {
+                    if self.by_pid.len() >= MAX_CONFIGS {
+                        self.by_pid
+                            .retain(|_, (_, at)| at.elapsed() < RESOLVER_CONFIG_TTL);
+                    }
+                    let cfg = self.read_pid(pid);
+                    self.by_pid.insert(pid, (cfg.clone(), Instant::now()));
+                    if let Some(cfg) = &cfg {
+                        self.by_cgroup
+                            .insert(cgroup_id, (Some(cfg.clone()), Instant::now()));
+                    }
+                    cfg
+                }
+            };
+            if cfg.is_some() {
+                return cfg;
+            }
+        }
+        if let Some((cfg, at)) = self.by_cgroup.get(&cgroup_id) {
+            if at.elapsed() < RESOLVER_CONFIG_TTL {
+                return cfg.clone();
+            }
+        }
+        if self.by_cgroup.len() >= MAX_CONFIGS {
+            self.by_cgroup
+                .retain(|_, (_, at)| at.elapsed() < RESOLVER_CONFIG_TTL);
+        }
+        let cfg = cgroup_path.and_then(|p| self.read_cgroup(p));
+        self.by_cgroup
+            .insert(cgroup_id, (cfg.clone(), Instant::now()));
+        cfg
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct LookupKey {
+    /// The process, or failing that its cgroup: a lookup never spans processes.
+    pid: Option<u32>,
+    cgroup_id: u64,
+    /// The asked name, lower case, fully qualified.
+    name: String,
+}
+
+/// A late response or an unread one, attached to the lookup of its query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LateArrival {
+    pub ts_ns: u64,
+    pub id: u16,
+    pub qname: String,
+    pub qtype: u16,
+    /// How long after the query's first send it arrived.
+    pub after_first_send_ns: u64,
+    /// Why the client did not use it: `after_timeout`, `duplicate`, or a kernel drop reason
+    /// (`NO_SOCKET`: the socket was closed; `SOCKET_RCVBUFF`: its buffer was full).
+    pub why: String,
+    pub pid: Option<u32>,
+    pub cgroup_id: u64,
+}
+
+struct OpenLookup {
+    name: String,
+    resolver: Option<ResolverConfig>,
+    first_send_ns: u64,
+    /// When the lookup last saw a query start or end (kernel time).
+    last_activity_ns: u64,
+    pending: u32,
+    queries: Vec<FinishedQuery>,
+    late: Vec<LateArrival>,
+    pid: Option<u32>,
+    comm: Option<String>,
+    cgroup_id: u64,
+    cgroup_path: Option<String>,
+}
+
+/// Thresholds of the diagnoses.
+#[derive(Debug, Clone, Copy)]
+pub struct DiagnosisConfig {
+    pub slow_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Diagnosis {
+    pub code: &'static str,
+    pub message: String,
+    pub evidence: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LookupRecord {
+    pub event: &'static str,
+    pub time_ns: u64,
+    pub name: String,
+    pub duration_ns: u64,
+    pub queries: usize,
+    pub search_expansions: usize,
+    pub final_rcode: Option<String>,
+    pub answers: Vec<String>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub cgroup_id: u64,
+    pub cgroup_path: Option<String>,
+    pub resolver: Option<ResolverConfig>,
+    pub diagnosis: Vec<Diagnosis>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LookupStats {
+    pub lookups: u64,
+    pub evicted: u64,
+}
+
+pub struct LookupTracker {
+    open: HashMap<LookupKey, OpenLookup>,
+    configs: ResolverConfigs,
+    idle_ns: u64,
+    /// A lookup whose query was lost (evicted) is closed after this much silence anyway.
+    stale_ns: u64,
+    max_open: usize,
+    diagnosis: DiagnosisConfig,
+    stats: LookupStats,
+}
+
+impl LookupTracker {
+    pub fn new(
+        configs: ResolverConfigs,
+        idle: Duration,
+        query_timeout: Duration,
+        max_open: usize,
+        diagnosis: DiagnosisConfig,
+    ) -> Self {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Self {
+            open: HashMap::new(),
+            configs,
+            idle_ns: ns(idle),
+            stale_ns: ns(query_timeout).saturating_add(ns(idle)),
+            max_open: max_open.max(1),
+            diagnosis,
+            stats: LookupStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> LookupStats {
+        self.stats
+    }
+
+    pub fn open_lookups(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn resolver_configs(&self) -> usize {
+        self.configs.len()
+    }
+
+    fn key_for(
+        &mut self,
+        pid: Option<u32>,
+        cgroup_id: u64,
+        cgroup_path: Option<&str>,
+        qname: &str,
+    ) -> (LookupKey, Option<ResolverConfig>) {
+        let qname_lower = qname.to_ascii_lowercase();
+        let cfg = self.configs.get(pid, cgroup_id, cgroup_path);
+        let name = match &cfg {
+            Some(cfg) => cfg.split(&qname_lower).0.to_owned(),
+            None => qname_lower,
+        };
+        (
+            LookupKey {
+                pid,
+                cgroup_id,
+                name,
+            },
+            cfg,
+        )
+    }
+
+    /// A query began: it opens its lookup or joins it.
+    pub fn query_started(
+        &mut self,
+        ts_ns: u64,
+        qname: &str,
+        sender: &crate::correlate::Sender,
+        out: &mut Vec<LookupRecord>,
+    ) {
+        let (pid, cgroup_id) = (sender.pid, sender.cgroup_id);
+        let cgroup_path = sender.cgroup_path.as_deref();
+        let comm = sender.comm.as_deref();
+        let (key, resolver) = self.key_for(pid, cgroup_id, cgroup_path, qname);
+        if !self.open.contains_key(&key) && self.open.len() >= self.max_open {
+            self.evict_oldest(out);
+        }
+        let lookup = self.open.entry(key.clone()).or_insert_with(|| OpenLookup {
+            name: key.name.clone(),
+            resolver,
+            first_send_ns: ts_ns,
+            last_activity_ns: ts_ns,
+            pending: 0,
+            queries: Vec::new(),
+            late: Vec::new(),
+            pid,
+            comm: comm.map(str::to_owned),
+            cgroup_id,
+            cgroup_path: cgroup_path.map(str::to_owned),
+        });
+        lookup.pending += 1;
+        lookup.first_send_ns = lookup.first_send_ns.min(ts_ns);
+        lookup.last_activity_ns = lookup.last_activity_ns.max(ts_ns);
+    }
+
+    /// A query ended (answered or timed out).
+    pub fn query_finished(&mut self, query: FinishedQuery, now_ns: u64) {
+        let (key, _) = self.key_for(
+            query.sender.pid,
+            query.sender.cgroup_id,
+            query.sender.cgroup_path.as_deref(),
+            &query.qname,
+        );
+        let Some(lookup) = self.open.get_mut(&key) else {
+            // Its lookup was evicted; the query record itself was still written.
+            return;
+        };
+        lookup.pending = lookup.pending.saturating_sub(1);
+        lookup.last_activity_ns = lookup
+            .last_activity_ns
+            .max(query.response_ts_ns.unwrap_or(now_ns));
+        lookup.queries.push(query);
+    }
+
+    /// A response or drop that came too late for its query. Returns it back when no lookup is
+    /// open for it any more.
+    pub fn late_arrival(&mut self, late: LateArrival) -> Option<LateArrival> {
+        let (key, _) = self.key_for(late.pid, late.cgroup_id, None, &late.qname);
+        match self.open.get_mut(&key) {
+            Some(lookup) => {
+                lookup.late.push(late);
+                None
+            }
+            None => Some(late),
+        }
+    }
+
+    /// Closes lookups that have been quiet long enough, at kernel time `now_ns`.
+    pub fn close_idle(&mut self, now_ns: u64, out: &mut Vec<LookupRecord>) {
+        let idle_ns = self.idle_ns;
+        let stale_ns = self.stale_ns;
+        let done: Vec<LookupKey> = self
+            .open
+            .iter()
+            .filter(|(_, l)| {
+                let quiet = now_ns.saturating_sub(l.last_activity_ns);
+                (l.pending == 0 && quiet >= idle_ns) || quiet >= stale_ns
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in done {
+            if let Some(lookup) = self.open.remove(&key) {
+                if let Some(record) = self.finish(lookup) {
+                    out.push(record);
+                }
+            }
+        }
+    }
+
+    /// Ends every open lookup (at shutdown).
+    pub fn close_all(&mut self, out: &mut Vec<LookupRecord>) {
+        let all: Vec<LookupKey> = self.open.keys().cloned().collect();
+        for key in all {
+            if let Some(lookup) = self.open.remove(&key) {
+                if let Some(record) = self.finish(lookup) {
+                    out.push(record);
+                }
+            }
+        }
+    }
+
+    fn evict_oldest(&mut self, out: &mut Vec<LookupRecord>) {
+        let oldest = self
+            .open
+            .iter()
+            .min_by_key(|(_, l)| l.last_activity_ns)
+            .map(|(k, _)| k.clone());
+        if let Some(key) = oldest {
+            if let Some(lookup) = self.open.remove(&key) {
+                self.stats.evicted += 1;
+                // Reported early rather than lost: what it holds so far is still true.
+                if let Some(record) = self.finish(lookup) {
+                    out.push(record);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, mut lookup: OpenLookup) -> Option<LookupRecord> {
+        if lookup.queries.is_empty() {
+            return None;
+        }
+        self.stats.lookups += 1;
+        lookup
+            .queries
+            .sort_by_key(|q| (q.first_send_ns(), q.response_ts_ns.unwrap_or(u64::MAX)));
+        Some(build_record(lookup, &self.diagnosis))
+    }
+}
+
+fn is_expansion(lookup_name: &str, q: &FinishedQuery) -> bool {
+    !q.qname.eq_ignore_ascii_case(lookup_name)
+}
+
+fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
+    let queries = &lookup.queries;
+    let expansions: Vec<&FinishedQuery> = queries
+        .iter()
+        .filter(|q| is_expansion(&lookup.name, q))
+        .collect();
+    // The decisive answer: the last one that carried data, else the last response of all.
+    let with_answers = queries
+        .iter()
+        .filter(|q| q.rcode == Some(RCODE_NOERROR) && !q.answers.is_empty())
+        .max_by_key(|q| q.response_ts_ns);
+    let last_response = queries
+        .iter()
+        .filter(|q| q.response_ts_ns.is_some())
+        .max_by_key(|q| q.response_ts_ns);
+    let final_query = with_answers.or(last_response);
+    let final_name = final_query.map(|q| q.qname.to_ascii_lowercase());
+    let mut answers: Vec<String> = Vec::new();
+    if let Some(final_name) = &final_name {
+        for q in queries
+            .iter()
+            .filter(|q| q.qname.eq_ignore_ascii_case(final_name) && q.rcode == Some(RCODE_NOERROR))
+        {
+            for a in &q.answers {
+                if !answers.contains(a) {
+                    answers.push(a.clone());
+                }
+            }
+        }
+    }
+    let end_ns = queries
+        .iter()
+        .filter_map(|q| q.response_ts_ns)
+        .max()
+        .unwrap_or(lookup.last_activity_ns);
+    let duration_ns = end_ns.saturating_sub(lookup.first_send_ns);
+    let diagnosis = diagnose(&lookup, cfg);
+    LookupRecord {
+        event: "lookup",
+        time_ns: lookup.first_send_ns,
+        name: lookup.name.clone(),
+        duration_ns,
+        queries: queries.len(),
+        search_expansions: expansions.len(),
+        final_rcode: final_query.and_then(|q| q.rcode).map(rcode_name),
+        answers,
+        pid: lookup.pid,
+        comm: lookup.comm.clone(),
+        cgroup_id: lookup.cgroup_id,
+        cgroup_path: lookup.cgroup_path.clone(),
+        resolver: lookup.resolver.clone(),
+        diagnosis,
+    }
+}
+
+fn ms(ns: u64) -> String {
+    format!("{:.1} ms", ns as f64 / 1e6)
+}
+
+fn describe(q: &FinishedQuery) -> String {
+    format!("{} {}", qtype_name(q.qtype), q.qname)
+}
+
+fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
+    let queries = &lookup.queries;
+    let mut out = Vec::new();
+
+    // search_list_expansion: names built from the search list before (or instead of) the name.
+    let expansions: Vec<&FinishedQuery> = queries
+        .iter()
+        .filter(|q| is_expansion(&lookup.name, q))
+        .collect();
+    if !expansions.is_empty() {
+        let first_own = queries
+            .iter()
+            .filter(|q| !is_expansion(&lookup.name, q))
+            .map(|q| q.first_send_ns())
+            .min();
+        let exp_end = expansions
+            .iter()
+            .map(|q| q.response_ts_ns.unwrap_or(q.first_send_ns()))
+            .max()
+            .unwrap_or(lookup.first_send_ns);
+        let cost = first_own
+            .unwrap_or(exp_end)
+            .saturating_sub(lookup.first_send_ns);
+        let mut names: Vec<String> = Vec::new();
+        for q in &expansions {
+            let n = q.qname.to_ascii_lowercase();
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        let rcodes: Vec<String> = expansions
+            .iter()
+            .map(|q| q.rcode.map(rcode_name).unwrap_or_else(|| "none".into()))
+            .collect();
+        let ndots = lookup.resolver.as_ref().map(|r| r.ndots);
+        out.push(Diagnosis {
+            code: "search_list_expansion",
+            message: format!(
+                "{} of {} queries were search-list expansions of {} ({} names{}); they cost {} before the name itself was asked",
+                expansions.len(),
+                queries.len(),
+                lookup.name,
+                names.len(),
+                ndots.map(|n| format!(", ndots:{n}")).unwrap_or_default(),
+                ms(cost)
+            ),
+            evidence: json!({
+                "extra_queries": expansions.len(),
+                "names": names,
+                "rcodes": rcodes,
+                "cost_ns": cost,
+                "ndots": ndots,
+            }),
+        });
+    }
+
+    // servfail_retry: the same question asked again after a SERVFAIL.
+    let mut retries = 0u32;
+    let mut servfail_latencies = Vec::new();
+    let mut retried: Vec<String> = Vec::new();
+    for (i, q) in queries.iter().enumerate() {
+        if q.rcode != Some(RCODE_SERVFAIL) {
+            continue;
+        }
+        servfail_latencies.push(q.latency_ns().unwrap_or_default());
+        let resp = q.response_ts_ns.unwrap_or(u64::MAX);
+        let asked_again = queries.iter().skip(i + 1).any(|later| {
+            later.qtype == q.qtype
+                && later.qname.eq_ignore_ascii_case(&q.qname)
+                && later.first_send_ns() >= resp
+        });
+        // musl re-sends the same id on the same socket: that shows as extra sends.
+        let resent_same = q.send_ts_ns.iter().filter(|&&t| t >= resp).count();
+        if asked_again || resent_same > 0 {
+            retries += 1;
+            let d = describe(q);
+            if !retried.contains(&d) {
+                retried.push(d);
+            }
+        }
+    }
+    if retries > 0 {
+        out.push(Diagnosis {
+            code: "servfail_retry",
+            message: format!(
+                "the resolver asked again {retries} time(s) after SERVFAIL ({})",
+                retried.join(", ")
+            ),
+            evidence: json!({
+                "retries": retries,
+                "questions": retried,
+                "servfail_latencies_ns": servfail_latencies,
+            }),
+        });
+    }
+
+    // slow_upstream: answers slower than the threshold, per server.
+    let mut slow: HashMap<SocketAddr, (u32, u64)> = HashMap::new();
+    for q in queries {
+        if let Some(lat) = q.latency_ns() {
+            if lat >= cfg.slow_ns {
+                let e = slow.entry(q.server).or_default();
+                e.0 += 1;
+                e.1 = e.1.max(lat);
+            }
+        }
+    }
+    let mut slow: Vec<(SocketAddr, (u32, u64))> = slow.into_iter().collect();
+    slow.sort();
+    for (server, (count, max)) in slow {
+        out.push(Diagnosis {
+            code: "slow_upstream",
+            message: format!(
+                "{server} answered {count} quer{} slower than {} (slowest {})",
+                if count == 1 { "y" } else { "ies" },
+                ms(cfg.slow_ns),
+                ms(max)
+            ),
+            evidence: json!({"server": server.to_string(), "count": count, "max_latency_ns": max, "threshold_ns": cfg.slow_ns}),
+        });
+    }
+
+    // Drops: conntrack insert failures and any other kernel reason.
+    for q in queries {
+        for d in &q.drops {
+            let waited = q
+                .send_ts_ns
+                .iter()
+                .find(|&&t| t > d.ts_ns)
+                .map(|&resend| resend.saturating_sub(q.first_send_ns()));
+            let later_query = queries
+                .iter()
+                .filter(|l| {
+                    l.qtype == q.qtype
+                        && l.qname.eq_ignore_ascii_case(&q.qname)
+                        && l.first_send_ns() > d.ts_ns
+                })
+                .map(|l| l.first_send_ns())
+                .min();
+            let retry_after =
+                waited.or_else(|| later_query.map(|t| t.saturating_sub(q.first_send_ns())));
+            let evidence = json!({
+                "id": q.id,
+                "question": describe(q),
+                "packet": d.packet.as_str(),
+                "reason": d.reason,
+                "detail": d.detail,
+                "location": d.location,
+                "netns": d.netns_inum,
+                "drop_ns": d.ts_ns,
+                "first_send_ns": q.first_send_ns(),
+                "resolver_waited_ns": retry_after,
+            });
+            if d.kind == "conntrack_insert_failed" {
+                let wait = retry_after
+                    .map(|w| format!("; the resolver waited {} before asking again", ms(w)))
+                    .unwrap_or_else(|| "; the resolver never asked again".into());
+                out.push(Diagnosis {
+                    code: "conntrack_insert_failed",
+                    message: format!(
+                        "the {} for {} (id {}) was dropped by conntrack: insert failed ({}) in network namespace {}{wait}",
+                        d.packet.as_str(),
+                        describe(q),
+                        q.id,
+                        d.detail.as_deref().unwrap_or("race"),
+                        d.netns_inum
+                    ),
+                    evidence,
+                });
+            } else {
+                out.push(Diagnosis {
+                    code: "packet_drop",
+                    message: format!(
+                        "the kernel dropped the {} for {} (id {}): {} at {}",
+                        d.packet.as_str(),
+                        describe(q),
+                        q.id,
+                        d.reason,
+                        d.location
+                    ),
+                    evidence,
+                });
+            }
+        }
+    }
+
+    // resend_after_timeout: the same query sent again, or asked anew after no answer.
+    let mut resends = Vec::new();
+    for (i, q) in queries.iter().enumerate() {
+        for pair in q.send_ts_ns.windows(2) {
+            // A resend after SERVFAIL is a retry (above), not a timeout.
+            let after_servfail =
+                q.rcode == Some(RCODE_SERVFAIL) && q.response_ts_ns.is_some_and(|r| r <= pair[1]);
+            if !after_servfail {
+                resends.push(
+                    json!({"id": q.id, "question": describe(q), "waited_ns": pair[1] - pair[0]}),
+                );
+            }
+        }
+        if q.response_ts_ns.is_none() {
+            if let Some(later) = queries
+                .iter()
+                .skip(i + 1)
+                .find(|l| l.qtype == q.qtype && l.qname.eq_ignore_ascii_case(&q.qname))
+            {
+                resends.push(json!({
+                    "id": q.id,
+                    "question": describe(q),
+                    "new_id": later.id,
+                    "waited_ns": later.first_send_ns().saturating_sub(q.first_send_ns()),
+                }));
+            }
+        }
+    }
+    if !resends.is_empty() {
+        let max_wait = resends
+            .iter()
+            .filter_map(|r| r["waited_ns"].as_u64())
+            .max()
+            .unwrap_or_default();
+        out.push(Diagnosis {
+            code: "resend_after_timeout",
+            message: format!(
+                "the resolver sent {} quer{} again after waiting for an answer (longest wait {})",
+                resends.len(),
+                if resends.len() == 1 { "y" } else { "ies" },
+                ms(max_wait)
+            ),
+            evidence: json!({"resends": resends}),
+        });
+    }
+
+    // late_response: answers that arrived when the client no longer listened.
+    if !lookup.late.is_empty() {
+        let items: Vec<serde_json::Value> = lookup
+            .late
+            .iter()
+            .map(|l| {
+                json!({
+                    "id": l.id,
+                    "question": format!("{} {}", qtype_name(l.qtype), l.qname),
+                    "why": l.why,
+                    "after_first_send_ns": l.after_first_send_ns,
+                })
+            })
+            .collect();
+        out.push(Diagnosis {
+            code: "late_response",
+            message: format!(
+                "{} response(s) arrived after the client stopped waiting ({})",
+                lookup.late.len(),
+                lookup
+                    .late
+                    .iter()
+                    .map(|l| format!("id {} {}", l.id, l.why))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            evidence: json!({"responses": items}),
+        });
+    }
+
+    // truncated_tcp_fallback: a truncated UDP answer followed by the same question over TCP.
+    for q in queries
+        .iter()
+        .filter(|q| q.transport == Transport::Udp && q.truncated)
+    {
+        let tcp = queries.iter().find(|t| {
+            t.transport == Transport::Tcp
+                && t.qtype == q.qtype
+                && t.qname.eq_ignore_ascii_case(&q.qname)
+                && t.first_send_ns() >= q.response_ts_ns.unwrap_or(0)
+        });
+        let extra = tcp.and_then(|t| {
+            t.response_ts_ns
+                .map(|r| r.saturating_sub(q.response_ts_ns.unwrap_or(r)))
+        });
+        out.push(Diagnosis {
+            code: "truncated_tcp_fallback",
+            message: match tcp {
+                Some(t) => format!(
+                    "the UDP answer to {} was truncated; the resolver asked again over TCP (id {}){}",
+                    describe(q),
+                    t.id,
+                    extra.map(|e| format!(", which took {} more", ms(e))).unwrap_or_default()
+                ),
+                None => format!(
+                    "the UDP answer to {} was truncated and no TCP retry was seen",
+                    describe(q)
+                ),
+            },
+            evidence: json!({
+                "udp_id": q.id,
+                "tcp_id": tcp.map(|t| t.id),
+                "extra_ns": extra,
+            }),
+        });
+    }
+
+    // no_response: queries that never got an answer.
+    let unanswered: Vec<&FinishedQuery> = queries
+        .iter()
+        .filter(|q| q.outcome != Outcome::Answered)
+        .collect();
+    if !unanswered.is_empty() {
+        out.push(Diagnosis {
+            code: "no_response",
+            message: format!(
+                "{} quer{} got no answer ({})",
+                unanswered.len(),
+                if unanswered.len() == 1 { "y" } else { "ies" },
+                unanswered
+                    .iter()
+                    .map(|q| format!("{} from {}", describe(q), q.server))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            evidence: json!({
+                "queries": unanswered.iter().map(|q| json!({
+                    "id": q.id,
+                    "question": describe(q),
+                    "server": q.server.to_string(),
+                    "sends": q.send_ts_ns.len(),
+                    "outcome": q.outcome.as_str(),
+                })).collect::<Vec<_>>(),
+            }),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlate::{DropRecord, DroppedPacket, Sender};
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn resolv_conf_parsing() {
+        let cfg = ResolverConfig::parse(
+            "nameserver 10.96.0.10\nsearch NS1.svc.cluster.local svc.cluster.local. cluster.local # pods\noptions ndots:5 timeout:2\n",
+        );
+        assert_eq!(
+            cfg.search,
+            vec![
+                "ns1.svc.cluster.local.",
+                "svc.cluster.local.",
+                "cluster.local."
+            ]
+        );
+        assert_eq!(cfg.ndots, 5);
+        assert_eq!(ResolverConfig::parse("").ndots, 1);
+        // The last search line wins.
+        assert_eq!(
+            ResolverConfig::parse("search a.example\nsearch b.example\n").search,
+            vec!["b.example."]
+        );
+    }
+
+    #[test]
+    fn splits_the_longest_search_domain() {
+        let cfg =
+            ResolverConfig::parse("search ns1.svc.cluster.local svc.cluster.local cluster.local\n");
+        assert_eq!(
+            cfg.split("www.example.com.ns1.svc.cluster.local."),
+            ("www.example.com.", Some("ns1.svc.cluster.local."))
+        );
+        assert_eq!(
+            cfg.split("www.example.com.cluster.local."),
+            ("www.example.com.", Some("cluster.local."))
+        );
+        assert_eq!(cfg.split("www.example.com."), ("www.example.com.", None));
+        // A name that is a search domain itself is not an expansion of anything.
+        assert_eq!(cfg.split("cluster.local."), ("cluster.local.", None));
+        // Label boundaries matter.
+        assert_eq!(cfg.split("xcluster.local."), ("xcluster.local.", None));
+    }
+
+    fn sender() -> Sender {
+        Sender {
+            pid: Some(7),
+            tid: Some(7),
+            comm: Some("gai-musl".into()),
+            thread_comm: Some("gai-musl".into()),
+            cgroup_id: 99,
+            cgroup_path: Some("/pod".into()),
+        }
+    }
+
+    fn query(
+        name: &str,
+        qtype: u16,
+        id: u16,
+        sends: &[u64],
+        response: Option<u64>,
+        rcode: Option<u16>,
+    ) -> FinishedQuery {
+        FinishedQuery {
+            qname: name.into(),
+            qtype,
+            id,
+            transport: Transport::Udp,
+            client: "10.0.0.1:40000".parse().unwrap(),
+            server: "10.0.0.2:53".parse().unwrap(),
+            socket_cookie: 1,
+            send_ts_ns: sends.to_vec(),
+            response_ts_ns: response,
+            outcome: if response.is_some() {
+                Outcome::Answered
+            } else {
+                Outcome::Unanswered
+            },
+            rcode,
+            truncated: false,
+            answers: if rcode == Some(0) {
+                vec!["10.1.2.3".into()]
+            } else {
+                vec![]
+            },
+            sender: sender(),
+            drops: Vec::new(),
+        }
+    }
+
+    fn lookup(name: &str, queries: Vec<FinishedQuery>) -> OpenLookup {
+        OpenLookup {
+            name: name.into(),
+            resolver: Some(ResolverConfig {
+                search: vec!["ns1.svc.cluster.local.".into()],
+                ndots: 5,
+            }),
+            first_send_ns: queries.iter().map(|q| q.first_send_ns()).min().unwrap(),
+            last_activity_ns: 0,
+            pending: 0,
+            queries,
+            late: Vec::new(),
+            pid: Some(7),
+            comm: Some("gai-musl".into()),
+            cgroup_id: 99,
+            cgroup_path: Some("/pod".into()),
+        }
+    }
+
+    fn codes(record: &LookupRecord) -> Vec<&'static str> {
+        record.diagnosis.iter().map(|d| d.code).collect()
+    }
+
+    const CFG: DiagnosisConfig = DiagnosisConfig { slow_ns: 500 * MS };
+
+    #[test]
+    fn healthy_lookup_has_no_diagnosis() {
+        let l = lookup(
+            "www.example.com.",
+            vec![
+                query("www.example.com.", 1, 1, &[0], Some(MS), Some(0)),
+                query("www.example.com.", 28, 2, &[0], Some(MS), Some(0)),
+            ],
+        );
+        let r = build_record(l, &CFG);
+        assert!(r.diagnosis.is_empty(), "{:?}", r.diagnosis);
+        assert_eq!(r.final_rcode.as_deref(), Some("NOERROR"));
+        assert_eq!(r.duration_ns, MS);
+        assert_eq!(r.search_expansions, 0);
+        assert_eq!(r.answers, vec!["10.1.2.3"]);
+    }
+
+    #[test]
+    fn alpine_case_expansions_servfail_retries_and_slow_upstream() {
+        let exp = "www.example.com.ns1.svc.cluster.local.";
+        let l = lookup(
+            "www.example.com.",
+            vec![
+                query(exp, 1, 1, &[0], Some(MS), Some(3)),
+                query(exp, 28, 2, &[0], Some(MS), Some(3)),
+                query("www.example.com.", 1, 3, &[2 * MS], Some(3 * MS), Some(0)),
+                query(
+                    "www.example.com.",
+                    28,
+                    4,
+                    &[2 * MS],
+                    Some(1502 * MS),
+                    Some(2),
+                ),
+                // musl asks again with the same id after SERVFAIL.
+                query(
+                    "www.example.com.",
+                    28,
+                    4,
+                    &[1502 * MS],
+                    Some(3002 * MS),
+                    Some(2),
+                ),
+            ],
+        );
+        let r = build_record(l, &CFG);
+        assert_eq!(
+            codes(&r),
+            vec!["search_list_expansion", "servfail_retry", "slow_upstream"]
+        );
+        assert_eq!(r.search_expansions, 2);
+        assert_eq!(r.duration_ns, 3002 * MS);
+        assert_eq!(r.final_rcode.as_deref(), Some("NOERROR"));
+        let exp_diag = &r.diagnosis[0];
+        assert_eq!(exp_diag.evidence["extra_queries"], 2);
+        assert_eq!(exp_diag.evidence["cost_ns"], 2 * MS);
+        assert_eq!(r.diagnosis[1].evidence["retries"], 1);
+        assert_eq!(r.diagnosis[2].evidence["count"], 2);
+    }
+
+    #[test]
+    fn conntrack_drop_explains_the_resend() {
+        let mut q = query(
+            "svc.example.",
+            1,
+            9,
+            &[0, 5000 * MS],
+            Some(5001 * MS),
+            Some(0),
+        );
+        q.drops.push(DropRecord {
+            ts_ns: MS / 10,
+            packet: DroppedPacket::Query,
+            reason: "NETFILTER_DROP".into(),
+            kind: "conntrack_insert_failed".into(),
+            detail: Some("chaintoolong".into()),
+            location: "nf_hook_slow+0x4c".into(),
+            netns_inum: 4026532000,
+            src: "10.0.0.1:40000".parse().unwrap(),
+            dst: "10.96.0.10:53".parse().unwrap(),
+            dns_id: Some(9),
+        });
+        let r = build_record(lookup("svc.example.", vec![q]), &CFG);
+        assert_eq!(
+            codes(&r),
+            vec![
+                "slow_upstream",
+                "conntrack_insert_failed",
+                "resend_after_timeout"
+            ]
+        );
+        let ct = &r.diagnosis[1];
+        assert_eq!(ct.evidence["resolver_waited_ns"], 5000 * MS);
+        assert!(ct.message.contains("chaintoolong"), "{}", ct.message);
+    }
+
+    #[test]
+    fn other_drop_is_a_packet_drop_and_no_response() {
+        let mut q = query("x.example.", 1, 9, &[0], None, None);
+        q.outcome = Outcome::Dropped;
+        q.drops.push(DropRecord {
+            ts_ns: 10,
+            packet: DroppedPacket::Query,
+            reason: "NETFILTER_DROP".into(),
+            kind: "netfilter_drop".into(),
+            detail: None,
+            location: "nft_do_chain+0x46f".into(),
+            netns_inum: 1,
+            src: "10.0.0.1:40000".parse().unwrap(),
+            dst: "10.0.0.2:53".parse().unwrap(),
+            dns_id: Some(9),
+        });
+        let r = build_record(lookup("x.example.", vec![q]), &CFG);
+        assert_eq!(codes(&r), vec!["packet_drop", "no_response"]);
+        assert_eq!(r.final_rcode, None);
+    }
+
+    #[test]
+    fn truncated_answer_then_tcp() {
+        let mut udp = query("big.example.", 16, 1, &[0], Some(MS), Some(0));
+        udp.truncated = true;
+        let mut tcp = query("big.example.", 16, 2, &[2 * MS], Some(4 * MS), Some(0));
+        tcp.transport = Transport::Tcp;
+        let r = build_record(lookup("big.example.", vec![udp, tcp]), &CFG);
+        assert_eq!(codes(&r), vec!["truncated_tcp_fallback"]);
+        assert_eq!(r.diagnosis[0].evidence["tcp_id"], 2);
+        assert_eq!(r.diagnosis[0].evidence["extra_ns"], 3 * MS);
+    }
+
+    #[test]
+    fn late_response_is_reported() {
+        let q = query("late.example.", 1, 5, &[0], None, None);
+        let mut l = lookup("late.example.", vec![q]);
+        l.late.push(LateArrival {
+            ts_ns: 3000 * MS,
+            id: 5,
+            qname: "late.example.".into(),
+            qtype: 1,
+            after_first_send_ns: 3000 * MS,
+            why: "after_timeout".into(),
+            pid: Some(7),
+            cgroup_id: 99,
+        });
+        let r = build_record(l, &CFG);
+        assert_eq!(codes(&r), vec!["late_response", "no_response"]);
+    }
+
+    #[test]
+    fn tracker_groups_by_process_and_asked_name_and_closes_when_idle() {
+        let dir = std::env::temp_dir().join(format!("dnsprobe-lookup-{}", std::process::id()));
+        // Fake /proc/<pid>/root/etc/resolv.conf for pid 7.
+        let etc = dir.join("7/root/etc");
+        fs::create_dir_all(&etc).unwrap();
+        fs::write(
+            etc.join("resolv.conf"),
+            "search ns1.svc.cluster.local\noptions ndots:5\n",
+        )
+        .unwrap();
+        let mut t = LookupTracker::new(
+            ResolverConfigs::new(dir.clone(), dir.join("nocgroup")),
+            Duration::from_millis(500),
+            Duration::from_secs(10),
+            16,
+            CFG,
+        );
+        let mut out = Vec::new();
+        let exp = "www.example.com.ns1.svc.cluster.local.";
+        t.query_started(0, exp, &sender(), &mut out);
+        t.query_started(0, "other.example.", &sender(), &mut out);
+        t.query_finished(query(exp, 1, 1, &[0], Some(MS), Some(3)), MS);
+        t.query_started(2 * MS, "www.example.com.", &sender(), &mut out);
+        assert_eq!(t.open_lookups(), 2);
+        // Still pending: not closed however long it waits for idle.
+        t.close_idle(100 * MS, &mut out);
+        assert!(out.is_empty());
+        t.query_finished(
+            query("www.example.com.", 1, 3, &[2 * MS], Some(3 * MS), Some(0)),
+            3 * MS,
+        );
+        t.close_idle(3 * MS + 499 * MS, &mut out);
+        assert!(out.is_empty(), "closed before idle");
+        t.close_idle(3 * MS + 500 * MS, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].name, "www.example.com.");
+        assert_eq!(out[0].queries, 2);
+        assert_eq!(out[0].search_expansions, 1);
+        // The other lookup's query never finished: closed once stale.
+        t.close_idle(11_000 * MS, &mut out);
+        assert_eq!(
+            out.len(),
+            1,
+            "a lookup without finished queries emits nothing"
+        );
+        assert_eq!(t.open_lookups(), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
