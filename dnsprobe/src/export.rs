@@ -189,6 +189,7 @@ pub struct RecordWriter<W: Write> {
     format: RecordFormat,
     clock: WallClock,
     written: u64,
+    errors: u64,
 }
 
 impl<W: Write> RecordWriter<W> {
@@ -198,7 +199,23 @@ impl<W: Write> RecordWriter<W> {
             format,
             clock,
             written: 0,
+            errors: 0,
         }
+    }
+
+    /// Counts a failed write and says so on stderr, without flooding it when the output is
+    /// gone for good (a closed pipe fails every record).
+    pub fn note(&mut self, result: Result<(), ExportError>) {
+        if let Err(err) = result {
+            self.errors += 1;
+            if self.errors.is_power_of_two() {
+                tracing::warn!("{err} ({} failed writes so far)", self.errors);
+            }
+        }
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.errors
     }
 
     pub fn written(&self) -> u64 {

@@ -11,6 +11,7 @@ mod decode;
 mod drops;
 mod export;
 mod lookup;
+mod pipeline;
 
 use std::{
     fs::File,
@@ -31,14 +32,12 @@ use crate::{
     attribute::{CgroupPaths, ProcessNames},
     capture::{Capture, CaptureConfig, KernelStats},
     cli::{Cli, Command, Format, RunArgs},
-    conntrack::{ConntrackWatch, NetfilterVerdict},
-    correlate::{
-        DropRecord, DroppedPacket, FinishedQuery, Observation, QueryTracker, RecentQueries, Sender,
-    },
-    decode::{decode_event, read_event},
-    drops::{decode_drop, read_drop_event, DropReasons, KernelSymbols},
-    export::{clock_ns, RecordFormat, RecordWriter, WallClock},
-    lookup::{DiagnosisConfig, LateArrival, LookupRecord, LookupTracker, ResolverConfigs},
+    conntrack::ConntrackWatch,
+    correlate::{QueryTracker, RecentQueries},
+    drops::KernelSymbols,
+    export::{RecordFormat, RecordWriter, WallClock},
+    lookup::{DiagnosisConfig, LookupTracker, ResolverConfigs},
+    pipeline::{DropExplainer, Pipeline, PipelineStats},
 };
 
 /// Events handled per wake-up before timers get a turn.
@@ -88,239 +87,6 @@ fn run_blocking(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(run(args))
-}
-
-/// Counters of the userspace pipeline, for the periodic and final summaries.
-#[derive(Debug, Default)]
-struct PipelineStats {
-    ring_records: u64,
-    malformed: u64,
-    partial_messages: u64,
-    drop_records: u64,
-    malformed_drops: u64,
-    unlinked_drops: u64,
-    late_arrivals: u64,
-}
-
-/// Explains kernel drops: reason names, code locations, conntrack verdicts.
-struct DropExplainer {
-    reasons: DropReasons,
-    symbols: KernelSymbols,
-    netfilter_drop: Option<u32>,
-    conntrack: ConntrackWatch,
-}
-
-struct Pipeline {
-    tracker: QueryTracker,
-    paths: CgroupPaths,
-    names: ProcessNames,
-    writer: RecordWriter<Box<dyn Write>>,
-    stats: PipelineStats,
-    drops: DropExplainer,
-    ports: Vec<u16>,
-    lookups: LookupTracker,
-    lookup_out: Vec<LookupRecord>,
-    recent: RecentQueries,
-    finished: Vec<FinishedQuery>,
-}
-
-impl Pipeline {
-    fn handle_record(&mut self, bytes: &[u8]) {
-        self.stats.ring_records += 1;
-        let packet = match read_event(bytes).and_then(|event| decode_event(&event)) {
-            Ok(packet) => packet,
-            Err(err) => {
-                self.stats.malformed += 1;
-                tracing::debug!("skipping packet: {err}; {}", hex_prefix(bytes));
-                return;
-            }
-        };
-        if packet.message.partial {
-            self.stats.partial_messages += 1;
-        }
-        let paths = &mut self.paths;
-        let names = &mut self.names;
-        let lookups = &mut self.lookups;
-        let lookup_out = &mut self.lookup_out;
-        let observed = self.tracker.observe(packet, |p| {
-            let sender = Sender {
-                pid: p.pid,
-                tid: p.tid,
-                // The process may be gone already; its sending thread's name is the next best.
-                comm: p
-                    .pid
-                    .and_then(|pid| names.resolve(pid, p.comm.as_deref()))
-                    .or_else(|| p.comm.clone()),
-                thread_comm: p.comm.clone(),
-                cgroup_id: p.cgroup_id,
-                cgroup_path: paths.resolve(p.cgroup_id),
-            };
-            lookups.query_started(p.ts_ns, &p.message.question.name, &sender, lookup_out);
-            sender
-        });
-        match observed {
-            Observation::Finished(query) => {
-                let now = query.response_ts_ns.unwrap_or_default();
-                self.finish_query(query, now);
-            }
-            Observation::Unmatched(packet) => {
-                if let Some(late) = self.recent.late_response(&packet) {
-                    self.late(late);
-                }
-            }
-            Observation::Nothing | Observation::Started | Observation::Resent => {}
-        }
-        self.write_lookups();
-    }
-
-    fn finish_query(&mut self, query: FinishedQuery, now_ns: u64) {
-        self.write(&query);
-        self.recent.remember(&query, now_ns);
-        self.lookups.query_finished(query, now_ns);
-    }
-
-    /// A response too late for its query: part of its lookup, or an event of its own.
-    fn late(&mut self, late: LateArrival) {
-        self.stats.late_arrivals += 1;
-        if let Some(orphan) = self.lookups.late_arrival(late) {
-            if let Err(err) = self.writer.write_late(&orphan) {
-                warn!("{err}");
-            }
-        }
-    }
-
-    fn write_lookups(&mut self) {
-        for record in self.lookup_out.drain(..) {
-            if let Err(err) = self.writer.write_lookup(&record) {
-                warn!("{err}");
-            }
-        }
-    }
-
-    fn handle_drop_record(&mut self, bytes: &[u8]) {
-        self.stats.drop_records += 1;
-        let drop = match read_drop_event(bytes).and_then(|event| decode_drop(&event)) {
-            Ok(drop) => drop,
-            Err(err) => {
-                self.stats.malformed_drops += 1;
-                tracing::debug!("skipping drop event: {err}");
-                return;
-            }
-        };
-        let reason = self.drops.reasons.name(drop.reason);
-        let (kind, detail) = if Some(drop.reason) == self.drops.netfilter_drop {
-            match self.drops.conntrack.classify(drop.netns_inum) {
-                NetfilterVerdict::InsertFailed {
-                    insert_failed_delta,
-                    detail,
-                } => (
-                    "conntrack_insert_failed".to_owned(),
-                    Some(format!("{detail}; insert_failed +{insert_failed_delta}")),
-                ),
-                NetfilterVerdict::OtherNetfilter => ("netfilter_drop".to_owned(), None),
-                NetfilterVerdict::Unknown(why) => ("netfilter_drop".to_owned(), Some(why)),
-            }
-        } else {
-            (reason.to_ascii_lowercase(), None)
-        };
-        // Which side of the exchange: a packet towards a DNS port is a query.
-        let packet = if self.ports.contains(&drop.dst.port()) {
-            DroppedPacket::Query
-        } else {
-            DroppedPacket::Response
-        };
-        let record = DropRecord {
-            ts_ns: drop.ts_ns,
-            packet,
-            reason,
-            kind,
-            detail,
-            location: self.drops.symbols.symbolize(drop.location),
-            netns_inum: drop.netns_inum,
-            src: drop.src,
-            dst: drop.dst,
-            dns_id: drop.dns_id(),
-        };
-        if let Some(unlinked) = self.tracker.on_drop(record) {
-            self.stats.unlinked_drops += 1;
-            if let Err(err) = self.writer.write_drop(&unlinked) {
-                warn!("{err}");
-            }
-            if let Some(late) = self.recent.late_drop(&unlinked) {
-                self.late(late);
-            }
-        }
-    }
-
-    fn expire(&mut self) {
-        let now = clock_ns(libc::CLOCK_MONOTONIC);
-        let mut finished = std::mem::take(&mut self.finished);
-        self.tracker.expire(now, &mut finished);
-        for query in finished.drain(..) {
-            self.finish_query(query, now);
-        }
-        self.finished = finished;
-        self.recent.expire(now);
-        self.lookups.close_idle(now, &mut self.lookup_out);
-        self.write_lookups();
-    }
-
-    fn close_all_lookups(&mut self) {
-        self.lookups.close_all(&mut self.lookup_out);
-        self.write_lookups();
-    }
-
-    fn write(&mut self, query: &FinishedQuery) {
-        if let Err(err) = self.writer.write_query(query) {
-            warn!("{err}");
-        }
-    }
-
-    fn flush(&mut self) {
-        if let Err(err) = self.writer.flush() {
-            warn!("flushing records: {err}");
-        }
-    }
-
-    fn summary(&self, kernel: KernelStats) -> String {
-        let t = self.tracker.stats();
-        format!(
-            "queries={} answered={} unanswered={} resends={} records={} in_flight={} \
-             unmatched_responses={} evicted={} malformed={} partial={} kernel_events={} \
-             lost_events={} unparseable_packets={} kernel_drops={} lost_drop_events={} \
-             drops_linked={} drops_unlinked={} malformed_drops={} netns_known={} \
-             late_arrivals={} recent_queries={} lookups={} lookups_open={} lookups_evicted={} \
-             cgroups_known={} cgroup_walks={} processes_known={} resolver_configs={}",
-            t.queries,
-            t.answered,
-            t.unanswered,
-            t.resends,
-            self.writer.written(),
-            self.tracker.in_flight(),
-            t.unmatched_responses,
-            t.evicted,
-            self.stats.malformed,
-            self.stats.partial_messages,
-            kernel.events,
-            kernel.ringbuf_full,
-            kernel.unparseable,
-            kernel.drops,
-            kernel.drop_ringbuf_full,
-            t.drops_linked,
-            self.stats.unlinked_drops,
-            self.stats.malformed_drops,
-            self.drops.conntrack.namespaces(),
-            self.stats.late_arrivals,
-            self.recent.len(),
-            self.lookups.stats().lookups,
-            self.lookups.open_lookups(),
-            self.lookups.stats().evicted,
-            self.paths.len(),
-            self.paths.walks(),
-            self.names.len(),
-            self.lookups.resolver_configs(),
-        )
-    }
 }
 
 fn open_output(path: Option<&PathBuf>) -> anyhow::Result<(Box<dyn Write>, bool)> {
@@ -407,7 +173,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         paths: CgroupPaths::new(cgroup_root.clone()),
         names: ProcessNames::new(PathBuf::from("/proc")),
-        writer: RecordWriter::new(out, format, WallClock::now()),
+        sinks: vec![Box::new(RecordWriter::new(out, format, WallClock::now()))],
         stats: PipelineStats::default(),
         finished: Vec::new(),
         drops: DropExplainer {
@@ -541,16 +307,4 @@ async fn readable<T: std::os::fd::AsRawFd>(
         Some(ring) => ring.readable_mut().await,
         None => std::future::pending().await,
     }
-}
-
-/// The first bytes of a malformed record's DNS message, for debug logs.
-fn hex_prefix(record: &[u8]) -> String {
-    let start = std::mem::offset_of!(dnsprobe_common::DnsEvent, msg);
-    record
-        .get(start..)
-        .unwrap_or_default()
-        .iter()
-        .take(48)
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
