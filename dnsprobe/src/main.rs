@@ -176,6 +176,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         sinks: vec![Box::new(RecordWriter::new(out, format, WallClock::now()))],
         stats: PipelineStats::default(),
         finished: Vec::new(),
+        waiting_drops: Default::default(),
         drops: DropExplainer {
             netfilter_drop: reasons.value("NETFILTER_DROP"),
             reasons,

@@ -93,7 +93,13 @@ pub struct Pipeline {
     pub lookup_out: Vec<LookupRecord>,
     pub recent: RecentQueries,
     pub finished: Vec<FinishedQuery>,
+    /// Drops that matched no pending query yet, oldest first.
+    pub waiting_drops: std::collections::VecDeque<DropRecord>,
 }
+
+/// How long a drop waits for its query to show up before it is reported on its own.
+const DROP_LINK_GRACE_NS: u64 = 200_000_000;
+const MAX_WAITING_DROPS: usize = 4096;
 
 impl Pipeline {
     pub fn handle_record(&mut self, bytes: &[u8]) {
@@ -213,18 +219,49 @@ impl Pipeline {
             dns_id: drop.dns_id(),
         };
         if let Some(unlinked) = self.tracker.on_drop(record) {
-            self.stats.unlinked_drops += 1;
-            for sink in &mut self.sinks {
-                sink.packet_drop(&unlinked);
+            if self.recent.late_drop(&unlinked).is_some()
+                || self.waiting_drops.len() >= MAX_WAITING_DROPS
+            {
+                self.emit_unlinked(unlinked);
+            } else {
+                // The drop ring and the packet ring are read separately: the query this drop
+                // belongs to may still be on its way. Try again for a moment.
+                self.waiting_drops.push_back(unlinked);
             }
-            if let Some(late) = self.recent.late_drop(&unlinked) {
-                self.late(late);
+        }
+    }
+
+    fn emit_unlinked(&mut self, unlinked: DropRecord) {
+        self.stats.unlinked_drops += 1;
+        for sink in &mut self.sinks {
+            sink.packet_drop(&unlinked);
+        }
+        if let Some(late) = self.recent.late_drop(&unlinked) {
+            self.late(late);
+        }
+    }
+
+    /// Links waiting drops whose query has arrived since; gives up on those older than the
+    /// grace period.
+    fn retry_waiting_drops(&mut self, now_ns: u64) {
+        for _ in 0..self.waiting_drops.len() {
+            let Some(drop) = self.waiting_drops.pop_front() else {
+                break;
+            };
+            let ts = drop.ts_ns;
+            if let Some(unlinked) = self.tracker.on_drop(drop) {
+                if now_ns.saturating_sub(ts) >= DROP_LINK_GRACE_NS {
+                    self.emit_unlinked(unlinked);
+                } else {
+                    self.waiting_drops.push_back(unlinked);
+                }
             }
         }
     }
 
     pub fn expire(&mut self) {
         let now = clock_ns(libc::CLOCK_MONOTONIC);
+        self.retry_waiting_drops(now);
         let mut finished = std::mem::take(&mut self.finished);
         self.tracker.expire(now, &mut finished);
         for query in finished.drain(..) {
@@ -237,6 +274,11 @@ impl Pipeline {
     }
 
     pub fn close_all_lookups(&mut self) {
+        while let Some(drop) = self.waiting_drops.pop_front() {
+            if let Some(unlinked) = self.tracker.on_drop(drop) {
+                self.emit_unlinked(unlinked);
+            }
+        }
         self.lookups.close_all(&mut self.lookup_out);
         self.write_lookups();
     }
