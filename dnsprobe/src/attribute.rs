@@ -9,6 +9,33 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Who sent a query, in Kubernetes terms, as far as the node can tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Workload {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodIdentity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerIdentity>,
+    /// The systemd unit of a host process (`sshd.service`), when not in a pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_unit: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PodIdentity {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub uid: String,
+    pub qos: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ContainerIdentity {
+    pub id: String,
+    pub name: Option<String>,
+    pub runtime: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AttributeError {
     #[error("reading /proc/self/mountinfo")]

@@ -32,6 +32,8 @@ pub struct Sender {
     pub cgroup_id: u64,
     /// Resolved while the cgroup still existed; `None` if it could not be.
     pub cgroup_path: Option<String>,
+    /// Pod and container (or host unit) the cgroup belongs to.
+    pub workload: Option<std::sync::Arc<crate::attribute::Workload>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -399,6 +401,7 @@ mod tests {
             thread_comm: p.comm.clone(),
             cgroup_id: p.cgroup_id,
             cgroup_path: Some("/test".into()),
+            workload: None,
         }
     }
 

@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use crate::{
+    attribute::{ContainerIdentity, PodIdentity},
     correlate::{DropRecord, FinishedQuery, Outcome},
     decode::{qtype_name, rcode_name},
     lookup::{Diagnosis, LateArrival, LookupRecord, ResolverConfig},
@@ -105,6 +106,12 @@ struct QueryRecord<'a> {
     thread_comm: Option<&'a str>,
     cgroup_id: u64,
     cgroup_path: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod: Option<&'a PodIdentity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<&'a ContainerIdentity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_unit: Option<&'a str>,
     socket_cookie: u64,
     drops: Vec<DropJson<'a>>,
 }
@@ -162,6 +169,10 @@ struct LookupJson<'a> {
     comm: Option<&'a str>,
     cgroup_id: u64,
     cgroup_path: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod: Option<&'a PodIdentity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<&'a ContainerIdentity>,
     resolver: Option<&'a ResolverConfig>,
     diagnosis: &'a [Diagnosis],
 }
@@ -251,6 +262,17 @@ impl<W: Write> RecordWriter<W> {
                     thread_comm: q.sender.thread_comm.as_deref(),
                     cgroup_id: q.sender.cgroup_id,
                     cgroup_path: q.sender.cgroup_path.as_deref(),
+                    pod: q.sender.workload.as_deref().and_then(|w| w.pod.as_ref()),
+                    container: q
+                        .sender
+                        .workload
+                        .as_deref()
+                        .and_then(|w| w.container.as_ref()),
+                    host_unit: q
+                        .sender
+                        .workload
+                        .as_deref()
+                        .and_then(|w| w.host_unit.as_deref()),
                     socket_cookie: q.socket_cookie,
                     drops: q
                         .drops
@@ -320,6 +342,8 @@ impl<W: Write> RecordWriter<W> {
                     comm: l.comm.as_deref(),
                     cgroup_id: l.cgroup_id,
                     cgroup_path: l.cgroup_path.as_deref(),
+                    pod: l.workload.as_deref().and_then(|w| w.pod.as_ref()),
+                    container: l.workload.as_deref().and_then(|w| w.container.as_ref()),
                     resolver: l.resolver.as_ref(),
                     diagnosis: &l.diagnosis,
                 };
@@ -479,6 +503,7 @@ mod tests {
                 thread_comm: Some("isc-net-0000".into()),
                 cgroup_id: 77,
                 cgroup_path: Some("/t".into()),
+                workload: None,
             },
             drops: Vec::new(),
         }

@@ -258,6 +258,7 @@ struct OpenLookup {
     comm: Option<String>,
     cgroup_id: u64,
     cgroup_path: Option<String>,
+    workload: Option<std::sync::Arc<crate::attribute::Workload>>,
 }
 
 /// Thresholds of the diagnoses.
@@ -287,6 +288,8 @@ pub struct LookupRecord {
     pub comm: Option<String>,
     pub cgroup_id: u64,
     pub cgroup_path: Option<String>,
+    #[serde(skip)]
+    pub workload: Option<std::sync::Arc<crate::attribute::Workload>>,
     pub resolver: Option<ResolverConfig>,
     pub diagnosis: Vec<Diagnosis>,
 }
@@ -390,6 +393,7 @@ impl LookupTracker {
             comm: comm.map(str::to_owned),
             cgroup_id,
             cgroup_path: cgroup_path.map(str::to_owned),
+            workload: sender.workload.clone(),
         });
         lookup.pending += 1;
         lookup.first_send_ns = lookup.first_send_ns.min(ts_ns);
@@ -545,6 +549,7 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
         comm: lookup.comm.clone(),
         cgroup_id: lookup.cgroup_id,
         cgroup_path: lookup.cgroup_path.clone(),
+        workload: lookup.workload.clone(),
         resolver: lookup.resolver.clone(),
         diagnosis,
     }
@@ -945,6 +950,7 @@ mod tests {
             thread_comm: Some("gai-musl".into()),
             cgroup_id: 99,
             cgroup_path: Some("/pod".into()),
+            workload: None,
         }
     }
 
@@ -999,6 +1005,7 @@ mod tests {
             comm: Some("gai-musl".into()),
             cgroup_id: 99,
             cgroup_path: Some("/pod".into()),
+            workload: None,
         }
     }
 

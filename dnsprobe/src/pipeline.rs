@@ -131,6 +131,7 @@ impl Pipeline {
                 thread_comm: p.comm.clone(),
                 cgroup_id: p.cgroup_id,
                 cgroup_path: paths.resolve(p.cgroup_id),
+                workload: None,
             };
             lookups.query_started(p.ts_ns, &p.message.question.name, &sender, lookup_out);
             sender
