@@ -23,6 +23,10 @@ use crate::{
 };
 
 const RCODE_NOERROR: u16 = 0;
+/// Kernel drop reasons of a response that reached the client's host but not its reader: the
+/// socket was closed, its receive buffer was full, or it was purged on close.
+const UNREAD_RESPONSE_REASONS: &[&str] =
+    &["NO_SOCKET", "SOCKET_RCVBUFF", "QUEUE_PURGE", "SOCKET_CLOSE"];
 const RCODE_SERVFAIL: u16 = 2;
 
 /// The parts of resolv.conf that shape a lookup.
@@ -685,9 +689,26 @@ fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
         });
     }
 
-    // Drops: conntrack insert failures and any other kernel reason.
+    // Drops: conntrack insert failures and any other kernel reason. A response dropped because
+    // nobody was listening any more is a late response, not a network problem.
+    let mut unread: Vec<LateArrival> = Vec::new();
     for q in queries {
         for d in &q.drops {
+            if d.packet == crate::correlate::DroppedPacket::Response
+                && UNREAD_RESPONSE_REASONS.contains(&d.reason.as_str())
+            {
+                unread.push(LateArrival {
+                    ts_ns: d.ts_ns,
+                    id: q.id,
+                    qname: q.qname.clone(),
+                    qtype: q.qtype,
+                    after_first_send_ns: d.ts_ns.saturating_sub(q.first_send_ns()),
+                    why: d.reason.clone(),
+                    pid: q.sender.pid,
+                    cgroup_id: q.sender.cgroup_id,
+                });
+                continue;
+            }
             let waited = q
                 .send_ts_ns
                 .iter()
@@ -796,9 +817,9 @@ fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
     }
 
     // late_response: answers that arrived when the client no longer listened.
-    if !lookup.late.is_empty() {
-        let items: Vec<serde_json::Value> = lookup
-            .late
+    let late: Vec<&LateArrival> = lookup.late.iter().chain(unread.iter()).collect();
+    if !late.is_empty() {
+        let items: Vec<serde_json::Value> = late
             .iter()
             .map(|l| {
                 json!({
@@ -813,10 +834,8 @@ fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
             code: "late_response",
             message: format!(
                 "{} response(s) arrived after the client stopped waiting ({})",
-                lookup.late.len(),
-                lookup
-                    .late
-                    .iter()
+                late.len(),
+                late.iter()
                     .map(|l| format!("id {} {}", l.id, l.why))
                     .collect::<Vec<_>>()
                     .join(", ")
@@ -1130,6 +1149,26 @@ mod tests {
         let r = build_record(lookup("x.example.", vec![q]), &CFG);
         assert_eq!(codes(&r), vec!["packet_drop", "no_response"]);
         assert_eq!(r.final_rcode, None);
+    }
+
+    #[test]
+    fn response_to_a_closed_socket_is_late_not_a_network_drop() {
+        let mut q = query("gone.example.", 1, 9, &[0], None, None);
+        q.drops.push(DropRecord {
+            ts_ns: 2000 * MS,
+            packet: DroppedPacket::Response,
+            reason: "NO_SOCKET".into(),
+            kind: "no_socket".into(),
+            detail: None,
+            location: "__udp4_lib_rcv+0x9ab".into(),
+            netns_inum: 1,
+            src: "10.0.0.2:53".parse().unwrap(),
+            dst: "10.0.0.1:40000".parse().unwrap(),
+            dns_id: Some(9),
+        });
+        let r = build_record(lookup("gone.example.", vec![q]), &CFG);
+        assert_eq!(codes(&r), vec!["late_response", "no_response"]);
+        assert_eq!(r.diagnosis[0].evidence["responses"][0]["why"], "NO_SOCKET");
     }
 
     #[test]
