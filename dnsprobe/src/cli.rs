@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Capture DNS traffic and print one record per finished query.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Report which kernel hooks load and attach here; exits non-zero if capture cannot work.
     Check(CheckArgs),
 }
@@ -74,9 +74,93 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
     pub slow_threshold: Duration,
 
+    /// Only records of pods in these namespaces (comma separated, repeatable).
+    #[arg(long = "namespace", value_name = "NS", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+
+    /// Only records of these pods (by name; comma separated, repeatable).
+    #[arg(long = "pod", value_name = "NAME", value_delimiter = ',')]
+    pub pods: Vec<String>,
+
+    /// Only queries and lookups of names matching this glob (`*.example.com`; repeatable).
+    #[arg(long = "qname", value_name = "PATTERN", value_parser = parse_name_pattern)]
+    pub qnames: Vec<crate::filter::NamePattern>,
+
+    /// Only queries slower than this (unanswered ones always pass) and lookups longer than it.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub min_latency: Option<Duration>,
+
+    /// Only these response codes (NOERROR, NXDOMAIN, SERVFAIL, ...; comma separated).
+    #[arg(long = "rcode", value_name = "RCODE", value_delimiter = ',', value_parser = parse_rcode)]
+    pub rcodes: Vec<String>,
+
+    /// Only these outcomes (comma separated).
+    #[arg(
+        long = "outcome",
+        value_name = "OUTCOME",
+        value_delimiter = ',',
+        value_enum
+    )]
+    pub outcomes: Vec<OutcomeArg>,
+
     /// Interval between periodic statistics lines on stderr (0 disables them).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration_or_zero)]
     pub stats_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutcomeArg {
+    Answered,
+    Unanswered,
+    Dropped,
+}
+
+impl OutcomeArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeArg::Answered => "answered",
+            OutcomeArg::Unanswered => "unanswered",
+            OutcomeArg::Dropped => "dropped",
+        }
+    }
+}
+
+impl RunArgs {
+    pub fn record_filter(&self) -> crate::filter::RecordFilter {
+        crate::filter::RecordFilter {
+            namespaces: self.namespaces.clone(),
+            pods: self.pods.clone(),
+            names: self.qnames.clone(),
+            min_latency: self.min_latency,
+            rcodes: self.rcodes.clone(),
+            outcomes: self
+                .outcomes
+                .iter()
+                .map(|o| o.as_str().to_owned())
+                .collect(),
+        }
+    }
+}
+
+fn parse_name_pattern(s: &str) -> Result<crate::filter::NamePattern, String> {
+    crate::filter::NamePattern::new(s)
+}
+
+/// Accepts the mnemonics dnsprobe prints (case-insensitive) and `RCODE<n>`.
+fn parse_rcode(s: &str) -> Result<String, String> {
+    let upper = s.trim().to_ascii_uppercase();
+    let known = (0..=23u16)
+        .map(crate::decode::rcode_name)
+        .any(|n| n == upper);
+    if known {
+        return Ok(upper);
+    }
+    match upper.strip_prefix("RCODE").map(str::parse::<u16>) {
+        Some(Ok(n)) if n < 4096 => Ok(crate::decode::rcode_name(n)),
+        _ => Err(format!(
+            "`{s}` is not a response code (NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, ... or RCODE<n>)"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -189,6 +273,40 @@ mod tests {
         assert!(err.to_string().contains("--ring-buffer-size"), "{err}");
         let err = Cli::try_parse_from(["dnsprobe", "run", "--format", "xml"]).unwrap_err();
         assert!(err.to_string().contains("--format"), "{err}");
+        let err = Cli::try_parse_from(["dnsprobe", "run", "--rcode", "NOPE"]).unwrap_err();
+        assert!(err.to_string().contains("--rcode"), "{err}");
+        let err = Cli::try_parse_from(["dnsprobe", "run", "--outcome", "maybe"]).unwrap_err();
+        assert!(err.to_string().contains("--outcome"), "{err}");
+        let err = Cli::try_parse_from(["dnsprobe", "run", "--min-latency", "fast"]).unwrap_err();
+        assert!(err.to_string().contains("--min-latency"), "{err}");
+    }
+
+    #[test]
+    fn filters_parse() {
+        let cli = Cli::try_parse_from([
+            "dnsprobe",
+            "run",
+            "--namespace",
+            "a,b",
+            "--rcode",
+            "nxdomain,servfail",
+            "--outcome",
+            "unanswered",
+            "--qname",
+            "*.example.com",
+            "--min-latency",
+            "100ms",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("parsed as another command")
+        };
+        let f = args.record_filter();
+        assert_eq!(f.namespaces, vec!["a", "b"]);
+        assert_eq!(f.rcodes, vec!["NXDOMAIN", "SERVFAIL"]);
+        assert_eq!(f.outcomes, vec!["unanswered"]);
+        assert_eq!(f.min_latency, Some(Duration::from_millis(100)));
+        assert!(f.names[0].matches("www.example.com."));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod correlate;
 mod decode;
 mod drops;
 mod export;
+mod filter;
 mod lookup;
 mod pipeline;
 
@@ -36,6 +37,7 @@ use crate::{
     correlate::{QueryTracker, RecentQueries},
     drops::KernelSymbols,
     export::{RecordFormat, RecordWriter, WallClock},
+    filter::FilteredSink,
     lookup::{DiagnosisConfig, LookupTracker, ResolverConfigs},
     pipeline::{DropExplainer, Pipeline, PipelineStats},
 };
@@ -67,7 +69,7 @@ fn main() -> std::process::ExitCode {
             }
             return std::process::ExitCode::FAILURE;
         }
-        Command::Run(args) => run_blocking(args),
+        Command::Run(args) => run_blocking(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -173,7 +175,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         paths: CgroupPaths::new(cgroup_root.clone()),
         names: ProcessNames::new(PathBuf::from("/proc")),
-        sinks: vec![Box::new(RecordWriter::new(out, format, WallClock::now()))],
+        sinks: vec![Box::new(FilteredSink {
+            filter: args.record_filter(),
+            inner: RecordWriter::new(out, format, WallClock::now()),
+        })],
         stats: PipelineStats::default(),
         finished: Vec::new(),
         waiting_drops: Default::default(),
