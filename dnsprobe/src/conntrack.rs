@@ -102,8 +102,14 @@ pub struct ConntrackWatch {
     baselines: HashMap<u32, Baseline>,
     last_refresh: Option<Instant>,
     refresh_every: Duration,
+    /// The last verdict per namespace: a storm of drops reuses it instead of re-reading the
+    /// counters (each read costs a thread and a setns) for every packet.
+    recent_verdicts: HashMap<u32, (Instant, NetfilterVerdict)>,
     pub read_errors: u64,
 }
+
+/// Drops in one namespace closer together than this share one reading of its counters.
+const VERDICT_REUSE: Duration = Duration::from_millis(50);
 
 /// Namespaces tracked at most; beyond that the oldest baselines are rebuilt from scratch.
 const MAX_NAMESPACES: usize = 16_384;
@@ -117,6 +123,7 @@ impl ConntrackWatch {
             baselines: HashMap::new(),
             last_refresh: None,
             refresh_every,
+            recent_verdicts: HashMap::new(),
             read_errors: 0,
         }
     }
@@ -148,6 +155,21 @@ impl ConntrackWatch {
 
     /// Explains a netfilter drop seen in namespace `inum`, and moves the baseline forward.
     pub fn classify(&mut self, inum: u32) -> NetfilterVerdict {
+        if let Some((at, verdict)) = self.recent_verdicts.get(&inum) {
+            if at.elapsed() < VERDICT_REUSE {
+                return verdict.clone();
+            }
+        }
+        let verdict = self.read_verdict(inum);
+        if self.recent_verdicts.len() >= MAX_NAMESPACES {
+            self.recent_verdicts.clear();
+        }
+        self.recent_verdicts
+            .insert(inum, (Instant::now(), verdict.clone()));
+        verdict
+    }
+
+    fn read_verdict(&mut self, inum: u32) -> NetfilterVerdict {
         if !self.handles.contains_key(&inum) {
             self.discover();
         }

@@ -605,6 +605,8 @@ fn parse_container_log_name(name: &str) -> Option<(String, String)> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
     const UID: &str = "1234abcd-5678-4ef0-9abc-def012345678";
@@ -1012,15 +1014,12 @@ mod tests {
 
     impl Fixture {
         fn new(name: &str) -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
             let root = std::env::temp_dir().join(format!(
-                "dnsprobe-pods-{name}-{}-{:?}",
+                "dnsprobe-pods-{name}-{}-{}",
                 std::process::id(),
-                Instant::now()
+                NEXT.fetch_add(1, Ordering::Relaxed)
             ));
-            let root = PathBuf::from(
-                root.to_string_lossy()
-                    .replace(|c: char| !(c.is_ascii_alphanumeric() || "/-_.".contains(c)), "_"),
-            );
             fs::create_dir_all(root.join("pods")).unwrap();
             fs::create_dir_all(root.join("containers")).unwrap();
             Self { root }
