@@ -330,3 +330,113 @@ mod process_tests {
         assert_eq!(names.resolve(u32::MAX, None), None);
     }
 }
+
+/// Names the workload behind each cgroup: the layout of its path says pod UID, QoS class and
+/// container id; the kubelet's log directories say namespace, pod name and container name.
+/// Results are kept per cgroup id, so a record written after its cgroup vanished keeps the
+/// attribution seen while it lived.
+pub struct Attributor {
+    pods: crate::pods::PodDirectory,
+    by_cgroup: HashMap<u64, (std::sync::Arc<Workload>, Instant)>,
+    reported_error: Option<String>,
+}
+
+/// How long a cgroup's attribution is trusted before it is worked out again (a pod's name can
+/// appear in the log directory a moment after its first query).
+const WORKLOAD_TTL: Duration = Duration::from_secs(30);
+/// Attributions re-tried sooner while the pod is not yet named.
+const UNNAMED_TTL: Duration = Duration::from_secs(2);
+
+impl Attributor {
+    pub fn new(pods: crate::pods::PodDirectory) -> Self {
+        Self {
+            pods,
+            by_cgroup: HashMap::new(),
+            reported_error: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_cgroup.len()
+    }
+
+    pub fn pod_directory_entries(&self) -> usize {
+        self.pods.len()
+    }
+
+    pub fn pod_directory_evictions(&self) -> u64 {
+        self.pods.evictions()
+    }
+
+    pub fn pod_directory_scans(&self) -> u64 {
+        self.pods.scans()
+    }
+
+    /// Keeps the pod directory fresh, and says once why it cannot be read (not a Kubernetes
+    /// node, or the directory is not mounted into the daemon's container).
+    pub fn refresh_if_due(&mut self) {
+        self.pods.refresh_if_due();
+        let error = self.pods.last_error().map(str::to_owned);
+        if error != self.reported_error {
+            if let Some(e) = &error {
+                tracing::info!("pods cannot be named from the kubelet's log directories: {e}");
+            }
+            self.reported_error = error;
+        }
+    }
+
+    pub fn workload(
+        &mut self,
+        cgroup_id: u64,
+        cgroup_path: Option<&str>,
+    ) -> Option<std::sync::Arc<Workload>> {
+        if let Some((w, at)) = self.by_cgroup.get(&cgroup_id) {
+            let named = w.pod.as_ref().is_none_or(|p| p.name.is_some());
+            let ttl = if named { WORKLOAD_TTL } else { UNNAMED_TTL };
+            if at.elapsed() < ttl {
+                return Some(w.clone());
+            }
+        }
+        let path = cgroup_path?;
+        let workload = std::sync::Arc::new(self.describe(path));
+        if self.by_cgroup.len() >= MAX_ENTRIES {
+            self.by_cgroup
+                .retain(|_, (_, at)| at.elapsed() < WORKLOAD_TTL);
+            if self.by_cgroup.len() >= MAX_ENTRIES {
+                self.by_cgroup.clear();
+            }
+        }
+        self.by_cgroup
+            .insert(cgroup_id, (workload.clone(), Instant::now()));
+        Some(workload)
+    }
+
+    fn describe(&mut self, path: &str) -> Workload {
+        use crate::pods::{self, Workload as Layout};
+        match pods::parse_cgroup_path(path) {
+            Layout::Pod(pod) => {
+                let meta = self.pods.lookup_pod(&pod.uid);
+                let container = pod.container.as_ref().map(|c| ContainerIdentity {
+                    id: c.id.clone(),
+                    name: self.pods.container_name(&c.id),
+                    runtime: Some(c.runtime.as_str().to_owned()),
+                });
+                Workload {
+                    pod: Some(PodIdentity {
+                        namespace: meta.as_ref().map(|m| m.namespace.clone()),
+                        name: meta.as_ref().map(|m| m.name.clone()),
+                        uid: pod.uid.clone(),
+                        qos: Some(pod.qos.as_str().to_owned()),
+                    }),
+                    container,
+                    host_unit: None,
+                }
+            }
+            Layout::Host { unit } => Workload {
+                host_unit: Some(unit.unwrap_or_else(|| "host".to_owned())),
+                ..Workload::default()
+            },
+            Layout::Other => Workload::default(),
+        }
+    }
+}

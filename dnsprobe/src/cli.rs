@@ -66,6 +66,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 8 * 1024 * 1024, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
 
+    /// The kubelet's pod log directory (`<namespace>_<pod>_<uid>/<container>/`): names pods.
+    #[arg(long, value_name = "PATH", default_value = crate::pods::DEFAULT_PODS_DIR)]
+    pub pod_log_dir: PathBuf,
+
+    /// The kubelet's container log links (`<pod>_<namespace>_<container>-<id>.log`): names
+    /// containers.
+    #[arg(long, value_name = "PATH", default_value = crate::pods::DEFAULT_CONTAINERS_DIR)]
+    pub container_log_dir: PathBuf,
+
     /// A lookup (one name asked by one process) ends after this long without new queries.
     #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
     pub lookup_idle: Duration,

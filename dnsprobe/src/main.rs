@@ -13,6 +13,7 @@ mod export;
 mod filter;
 mod lookup;
 mod pipeline;
+mod pods;
 
 use std::{
     fs::File,
@@ -30,7 +31,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    attribute::{CgroupPaths, ProcessNames},
+    attribute::{Attributor, CgroupPaths, ProcessNames},
     capture::{Capture, CaptureConfig, KernelStats},
     cli::{Cli, Command, Format, RunArgs},
     conntrack::ConntrackWatch,
@@ -175,6 +176,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         paths: CgroupPaths::new(cgroup_root.clone()),
         names: ProcessNames::new(PathBuf::from("/proc")),
+        attributor: Attributor::new(pods::PodDirectory::new(
+            args.pod_log_dir.clone(),
+            args.container_log_dir.clone(),
+        )),
         sinks: vec![Box::new(FilteredSink {
             filter: args.record_filter(),
             inner: RecordWriter::new(out, format, WallClock::now()),

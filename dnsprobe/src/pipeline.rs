@@ -2,7 +2,7 @@
 //! handed to every sink (record writer, metrics, live view).
 
 use crate::{
-    attribute::{CgroupPaths, ProcessNames},
+    attribute::{Attributor, CgroupPaths, ProcessNames},
     capture::KernelStats,
     conntrack::{ConntrackWatch, NetfilterVerdict},
     correlate::{
@@ -84,6 +84,7 @@ pub struct Pipeline {
     pub tracker: QueryTracker,
     pub paths: CgroupPaths,
     pub names: ProcessNames,
+    pub attributor: Attributor,
     /// Every finished query, lookup, drop and late response goes to each of these.
     pub sinks: Vec<Box<dyn Sink>>,
     pub stats: PipelineStats,
@@ -117,9 +118,12 @@ impl Pipeline {
         }
         let paths = &mut self.paths;
         let names = &mut self.names;
+        let attributor = &mut self.attributor;
         let lookups = &mut self.lookups;
         let lookup_out = &mut self.lookup_out;
         let observed = self.tracker.observe(packet, |p| {
+            let cgroup_path = paths.resolve(p.cgroup_id);
+            let workload = attributor.workload(p.cgroup_id, cgroup_path.as_deref());
             let sender = Sender {
                 pid: p.pid,
                 tid: p.tid,
@@ -130,8 +134,8 @@ impl Pipeline {
                     .or_else(|| p.comm.clone()),
                 thread_comm: p.comm.clone(),
                 cgroup_id: p.cgroup_id,
-                cgroup_path: paths.resolve(p.cgroup_id),
-                workload: None,
+                cgroup_path,
+                workload,
             };
             lookups.query_started(p.ts_ns, &p.message.question.name, &sender, lookup_out);
             sender
@@ -262,6 +266,7 @@ impl Pipeline {
 
     pub fn expire(&mut self) {
         let now = clock_ns(libc::CLOCK_MONOTONIC);
+        self.attributor.refresh_if_due();
         self.retry_waiting_drops(now);
         let mut finished = std::mem::take(&mut self.finished);
         self.tracker.expire(now, &mut finished);
@@ -304,7 +309,8 @@ impl Pipeline {
              lost_events={} unparseable_packets={} kernel_drops={} lost_drop_events={} \
              drops_linked={} drops_unlinked={} malformed_drops={} netns_known={} \
              late_arrivals={} recent_queries={} lookups={} lookups_open={} lookups_evicted={} \
-             cgroups_known={} cgroup_walks={} processes_known={} resolver_configs={}",
+             cgroups_known={} cgroup_walks={} processes_known={} resolver_configs={} \
+             workloads_known={} pod_dir_entries={} pod_dir_scans={} pod_dir_evictions={}",
             t.queries,
             t.answered,
             t.unanswered,
@@ -334,6 +340,10 @@ impl Pipeline {
             self.paths.walks(),
             self.names.len(),
             self.lookups.resolver_configs(),
+            self.attributor.len(),
+            self.attributor.pod_directory_entries(),
+            self.attributor.pod_directory_scans(),
+            self.attributor.pod_directory_evictions(),
         )
     }
 }

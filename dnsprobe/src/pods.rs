@@ -336,6 +336,15 @@ struct Entry<T> {
     gone_since: Option<Instant>,
 }
 
+/// Sorts first what goes first: gone entries (`false` < `true`), then the least recently seen.
+type EvictionRank = (bool, u64, Option<Instant>);
+
+impl<T> Entry<T> {
+    fn eviction_rank(&self) -> EvictionRank {
+        (self.gone_since.is_none(), self.seen_in, self.gone_since)
+    }
+}
+
 /// Names pods and containers from the kubelet's log directories (no API server needed).
 #[derive(Debug)]
 pub struct PodDirectory {
@@ -396,10 +405,6 @@ impl PodDirectory {
         self.pods.len() + self.containers.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Directory scans done so far.
     pub fn scans(&self) -> u64 {
         self.scans
@@ -457,9 +462,8 @@ impl PodDirectory {
     }
 
     fn scan_allowed(&self, now: Instant) -> bool {
-        self.last_scan.is_none_or(|last| {
-            now.saturating_duration_since(last) >= self.config.min_scan_interval
-        })
+        self.last_scan
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.config.min_scan_interval)
     }
 
     fn scan(&mut self, now: Instant) {
@@ -497,17 +501,18 @@ impl PodDirectory {
         if excess == 0 {
             return;
         }
-        // (still present, last seen in, gone since, is a pod, key)
-        let mut ranked: Vec<(bool, u64, Option<Instant>, bool, String)> = self
+        let mut ranked: Vec<(EvictionRank, bool, String)> = self
             .pods
             .iter()
-            .map(|(k, e)| (e.gone_since.is_none(), e.seen_in, e.gone_since, true, k.clone()))
-            .chain(self.containers.iter().map(|(k, e)| {
-                (e.gone_since.is_none(), e.seen_in, e.gone_since, false, k.clone())
-            }))
+            .map(|(key, entry)| (entry.eviction_rank(), true, key.clone()))
+            .chain(
+                self.containers
+                    .iter()
+                    .map(|(key, entry)| (entry.eviction_rank(), false, key.clone())),
+            )
             .collect();
         ranked.sort_unstable();
-        for (_, _, _, is_pod, key) in ranked.into_iter().take(excess) {
+        for (_, is_pod, key) in ranked.into_iter().take(excess) {
             if is_pod {
                 self.pods.remove(&key);
             } else {
@@ -677,18 +682,31 @@ mod tests {
         let path = format!(
             "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/crio-conmon-{ID}.scope"
         );
-        assert_eq!(parse_cgroup_path(&path), pod(UID, QosClass::Burstable, None));
+        assert_eq!(
+            parse_cgroup_path(&path),
+            pod(UID, QosClass::Burstable, None)
+        );
         let cgroupfs = format!("/kubepods/burstable/pod{UID}/crio-conmon-{ID}");
-        assert_eq!(parse_cgroup_path(&cgroupfs), pod(UID, QosClass::Burstable, None));
+        assert_eq!(
+            parse_cgroup_path(&cgroupfs),
+            pod(UID, QosClass::Burstable, None)
+        );
     }
 
     #[test]
     fn pod_level_cgroup_has_no_container() {
-        let systemd =
-            format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice");
-        assert_eq!(parse_cgroup_path(&systemd), pod(UID, QosClass::BestEffort, None));
+        let systemd = format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice"
+        );
+        assert_eq!(
+            parse_cgroup_path(&systemd),
+            pod(UID, QosClass::BestEffort, None)
+        );
         let cgroupfs = format!("/kubepods/pod{UID}/");
-        assert_eq!(parse_cgroup_path(&cgroupfs), pod(UID, QosClass::Guaranteed, None));
+        assert_eq!(
+            parse_cgroup_path(&cgroupfs),
+            pod(UID, QosClass::Guaranteed, None)
+        );
     }
 
     #[test]
@@ -712,8 +730,7 @@ mod tests {
             format!("podman-{ID}.scope"),
             ID.to_uppercase(),
         ] {
-            let path =
-                format!("/kubepods.slice/kubepods-pod{UID_}.slice/{child}");
+            let path = format!("/kubepods.slice/kubepods-pod{UID_}.slice/{child}");
             assert_eq!(
                 parse_cgroup_path(&path),
                 pod(UID, QosClass::Guaranteed, None),
@@ -757,14 +774,22 @@ mod tests {
     fn static_pod_uid_is_a_32_hex_hash() {
         assert_eq!(
             parse_cgroup_path(&format!("/kubepods/burstable/pod{STATIC_UID}/{ID}")),
-            pod(STATIC_UID, QosClass::Burstable, Some((ID, Runtime::Unknown)))
+            pod(
+                STATIC_UID,
+                QosClass::Burstable,
+                Some((ID, Runtime::Unknown))
+            )
         );
         let systemd = format!(
             "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{STATIC_UID}.slice/cri-containerd-{ID}.scope"
         );
         assert_eq!(
             parse_cgroup_path(&systemd),
-            pod(STATIC_UID, QosClass::Burstable, Some((ID, Runtime::Containerd)))
+            pod(
+                STATIC_UID,
+                QosClass::Burstable,
+                Some((ID, Runtime::Containerd))
+            )
         );
     }
 
@@ -782,7 +807,8 @@ mod tests {
             parse_cgroup_path(&crio),
             pod(UID, QosClass::BestEffort, Some((ID, Runtime::CriO)))
         );
-        let guaranteed = format!("/system.slice/docker.service/kubepods-pod{UID_}.slice:docker:{ID}");
+        let guaranteed =
+            format!("/system.slice/docker.service/kubepods-pod{UID_}.slice:docker:{ID}");
         assert_eq!(
             parse_cgroup_path(&guaranteed),
             pod(UID, QosClass::Guaranteed, Some((ID, Runtime::Docker)))
@@ -844,7 +870,8 @@ mod tests {
     #[test]
     fn outermost_pod_wins() {
         let nested_uid = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee";
-        let path = format!("/kubepods/burstable/pod{UID}/{ID}/kubepods/besteffort/pod{nested_uid}/{ID2}");
+        let path =
+            format!("/kubepods/burstable/pod{UID}/{ID}/kubepods/besteffort/pod{nested_uid}/{ID2}");
         assert_eq!(
             parse_cgroup_path(&path),
             pod(UID, QosClass::Burstable, Some((ID, Runtime::Unknown)))
@@ -902,7 +929,9 @@ mod tests {
         );
         // Pod slice without its parent slices.
         assert_eq!(
-            parse_cgroup_path(&format!("/foo/kubepods-burstable-pod{UID_}.slice/crio-{ID}.scope")),
+            parse_cgroup_path(&format!(
+                "/foo/kubepods-burstable-pod{UID_}.slice/crio-{ID}.scope"
+            )),
             Workload::Other
         );
         // QoS slice of the wrong parent.
@@ -961,8 +990,15 @@ mod tests {
                 serde_json::json!(runtime.as_str())
             );
         }
-        for qos in [QosClass::Guaranteed, QosClass::Burstable, QosClass::BestEffort] {
-            assert_eq!(serde_json::to_value(qos).unwrap(), serde_json::json!(qos.as_str()));
+        for qos in [
+            QosClass::Guaranteed,
+            QosClass::Burstable,
+            QosClass::BestEffort,
+        ] {
+            assert_eq!(
+                serde_json::to_value(qos).unwrap(),
+                serde_json::json!(qos.as_str())
+            );
         }
         assert_eq!(
             serde_json::to_value(pod(UID, QosClass::BestEffort, Some((ID, Runtime::CriO))))
@@ -994,7 +1030,12 @@ mod tests {
                 uid: UID.into(),
             })
         );
-        assert_eq!(parse_pod_dir_name(&format!("default_web_{STATIC_UID}")).unwrap().uid, STATIC_UID);
+        assert_eq!(
+            parse_pod_dir_name(&format!("default_web_{STATIC_UID}"))
+                .unwrap()
+                .uid,
+            STATIC_UID
+        );
         assert_eq!(parse_pod_dir_name(&format!("a_b_c_{UID}")), None);
         assert_eq!(parse_pod_dir_name(&format!("_web_{UID}")), None);
         assert_eq!(parse_pod_dir_name("default_web_notauid"), None);
@@ -1002,9 +1043,15 @@ mod tests {
             parse_container_log_name(&format!("web-0_default_side-car-{ID}.log")),
             Some((ID.to_owned(), "side-car".to_owned()))
         );
-        assert_eq!(parse_container_log_name(&format!("web-0_default_app-{ID}")), None);
+        assert_eq!(
+            parse_container_log_name(&format!("web-0_default_app-{ID}")),
+            None
+        );
         assert_eq!(parse_container_log_name("web-0_default_app-1234.log"), None);
-        assert_eq!(parse_container_log_name(&format!("web-0_app-{ID}.log")), None);
+        assert_eq!(
+            parse_container_log_name(&format!("web-0_app-{ID}.log")),
+            None
+        );
     }
 
     /// A directory under the system temp dir, removed when dropped (also when a test fails).
@@ -1082,8 +1129,18 @@ mod tests {
     #[test]
     fn names_pods_and_containers_from_log_dirs() {
         let fx = Fixture::new("names");
-        fx.add_pod("kube-system", "coredns-5d78c9869d-x2x7k", UID, &[("coredns", ID)]);
-        fx.add_pod("kube-system", "kube-apiserver-node1", STATIC_UID, &[("kube-apiserver", ID2)]);
+        fx.add_pod(
+            "kube-system",
+            "coredns-5d78c9869d-x2x7k",
+            UID,
+            &[("coredns", ID)],
+        );
+        fx.add_pod(
+            "kube-system",
+            "kube-apiserver-node1",
+            STATIC_UID,
+            &[("kube-apiserver", ID2)],
+        );
         // Noise the scan must skip.
         fs::create_dir_all(fx.pods().join("not-a-pod")).unwrap();
         fs::create_dir_all(fx.pods().join("a_b_notauid")).unwrap();
@@ -1100,14 +1157,20 @@ mod tests {
             })
         );
         // Underscored (as in systemd slices) and upper-case spellings find the same pod.
-        assert_eq!(dir.lookup_pod(UID_).unwrap().name, "coredns-5d78c9869d-x2x7k");
+        assert_eq!(
+            dir.lookup_pod(UID_).unwrap().name,
+            "coredns-5d78c9869d-x2x7k"
+        );
         assert_eq!(dir.lookup_pod(&UID.to_uppercase()).unwrap().uid, UID);
-        assert_eq!(dir.lookup_pod(STATIC_UID).unwrap().name, "kube-apiserver-node1");
+        assert_eq!(
+            dir.lookup_pod(STATIC_UID).unwrap().name,
+            "kube-apiserver-node1"
+        );
         assert_eq!(dir.container_name(ID).as_deref(), Some("coredns"));
         assert_eq!(dir.container_name(ID2).as_deref(), Some("kube-apiserver"));
         assert_eq!(dir.scans(), 1, "all answered from one scan");
         assert_eq!(dir.len(), 4);
-        assert!(!dir.is_empty());
+        assert!(dir.len() > 0);
         assert_eq!(dir.last_error(), None);
         // Not ids at all: answered without a scan.
         assert_eq!(dir.lookup_pod("notauid"), None);
@@ -1137,13 +1200,20 @@ mod tests {
             assert_eq!(dir.lookup_pod_at(unknown, t0 + ms(i / 2)), None);
             assert_eq!(dir.container_name_at(&"b".repeat(64), t0 + ms(i / 2)), None);
         }
-        assert_eq!(dir.scans(), 1, "a flood of misses within a second scans once");
+        assert_eq!(
+            dir.scans(),
+            1,
+            "a flood of misses within a second scans once"
+        );
 
         // A pod that appears is found by the first miss after the interval, not before.
         fx.add_pod("default", "new-1", unknown, &[("app", ID2)]);
         assert_eq!(dir.lookup_pod_at(unknown, t0 + ms(999)), None);
         assert_eq!(dir.scans(), 1);
-        assert_eq!(dir.lookup_pod_at(unknown, t0 + ms(1000)).unwrap().name, "new-1");
+        assert_eq!(
+            dir.lookup_pod_at(unknown, t0 + ms(1000)).unwrap().name,
+            "new-1"
+        );
         assert_eq!(dir.scans(), 2);
         // Hits do not scan.
         for i in 0..100 {
@@ -1170,10 +1240,19 @@ mod tests {
 
         fx.remove_pod("default", "web-0", UID);
         // The refresh after 1 s notices; the entries are still answered within the grace.
-        assert_eq!(dir.lookup_pod_at(UID, t0 + ms(1_000)).unwrap().name, "web-0");
+        assert_eq!(
+            dir.lookup_pod_at(UID, t0 + ms(1_000)).unwrap().name,
+            "web-0"
+        );
         assert_eq!(dir.scans(), 2);
-        assert_eq!(dir.container_name_at(ID, t0 + ms(5_999)).as_deref(), Some("app"));
-        assert_eq!(dir.lookup_pod_at(UID, t0 + ms(5_999)).unwrap().name, "web-0");
+        assert_eq!(
+            dir.container_name_at(ID, t0 + ms(5_999)).as_deref(),
+            Some("app")
+        );
+        assert_eq!(
+            dir.lookup_pod_at(UID, t0 + ms(5_999)).unwrap().name,
+            "web-0"
+        );
         // Gone since t0+1s: past the grace at t0+6s, dropped, and the miss finds nothing.
         assert_eq!(dir.lookup_pod_at(UID, t0 + ms(6_000)), None);
         assert_eq!(dir.container_name_at(ID, t0 + ms(6_000)), None);
@@ -1204,7 +1283,11 @@ mod tests {
         dir.refresh_at(t0 + ms(2_000));
         assert_eq!(dir.len(), 2);
         dir.refresh_at(t0 + ms(3_000));
-        assert_eq!(dir.len(), 0, "gone since 1 s, grace 2 s: dropped by the scan at 3 s");
+        assert_eq!(
+            dir.len(),
+            0,
+            "gone since 1 s, grace 2 s: dropped by the scan at 3 s"
+        );
         assert_eq!(dir.scans(), 4);
     }
 
@@ -1214,8 +1297,9 @@ mod tests {
         let uids: Vec<String> = (0..5)
             .map(|i| format!("aaaaaaaa-bbbb-4ccc-8ddd-00000000000{i}"))
             .collect();
-        for (i, uid) in uids.iter().enumerate() {
-            fx.add_pod("default", &format!("web-{i}"), uid, &[]);
+        let ids: Vec<String> = (0..3).map(|i| format!("{}{i}", &ID[..63])).collect();
+        for (i, (uid, id)) in uids.iter().zip(&ids).enumerate() {
+            fx.add_pod("default", &format!("web-{i}"), uid, &[("app", id)]);
         }
         let config = PodDirectoryConfig {
             max_entries: 3,
@@ -1224,8 +1308,9 @@ mod tests {
         let mut dir = fx.directory(config);
         let t0 = Instant::now();
         dir.lookup_pod_at(&uids[0], t0);
+        // Three pods and three containers read, three evicted.
         assert_eq!(dir.len(), 3);
-        assert_eq!(dir.evictions(), 2);
+        assert_eq!(dir.evictions(), 3);
 
         // Gone entries go first.
         let fx2 = Fixture::new("cap2");
@@ -1241,8 +1326,30 @@ mod tests {
         dir.refresh_at(t0 + ms(1_000));
         assert_eq!(dir.len(), 3);
         assert_eq!(dir.evictions(), 1);
-        assert_eq!(dir.lookup_pod_at(&uids[1], t0 + ms(1_000)).unwrap().name, "new");
-        assert_eq!(dir.container_name_at(ID2, t0 + ms(1_000)).as_deref(), Some("app"));
+        assert_eq!(
+            dir.lookup_pod_at(&uids[1], t0 + ms(1_000)).unwrap().name,
+            "new"
+        );
+        assert_eq!(
+            dir.container_name_at(ID2, t0 + ms(1_000)).as_deref(),
+            Some("app")
+        );
+    }
+
+    #[test]
+    fn defaults_and_timer_refresh() {
+        assert_eq!(
+            (DEFAULT_PODS_DIR, DEFAULT_CONTAINERS_DIR),
+            ("/var/log/pods", "/var/log/containers")
+        );
+        let fx = Fixture::new("timer");
+        fx.add_pod("default", "web-0", UID, &[("app", ID)]);
+        let mut dir = PodDirectory::new(fx.pods(), fx.containers());
+        dir.refresh_if_due();
+        assert_eq!(dir.scans(), 0, "nothing to refresh before the first lookup");
+        assert!(dir.lookup_pod(UID).is_some());
+        dir.refresh_if_due();
+        assert_eq!(dir.scans(), 1, "not due within the refresh interval");
     }
 
     #[test]
@@ -1256,7 +1363,10 @@ mod tests {
         assert_eq!(dir.container_name_at(ID, t0), None);
         let err = dir.last_error().expect("error kept").to_owned();
         assert!(err.contains(&fx.pods().display().to_string()), "{err}");
-        assert!(err.contains(&fx.containers().display().to_string()), "{err}");
+        assert!(
+            err.contains(&fx.containers().display().to_string()),
+            "{err}"
+        );
         assert_eq!(dir.scans(), 1);
 
         // The kubelet starts: the next allowed scan reads both and clears the error.
