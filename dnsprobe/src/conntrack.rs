@@ -89,6 +89,17 @@ pub enum NetfilterVerdict {
     Unknown(String),
 }
 
+/// A way into a network namespace's /proc/net.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NetnsHandle {
+    /// A process in it: `/proc/<pid>/net` shows that namespace, readable without setns (so
+    /// without CAP_SYS_ADMIN).
+    Process(PathBuf),
+    /// A bind-mounted namespace file (`/run/netns/<name>`) of a namespace that may have no
+    /// process: entered with setns on a short-lived thread.
+    File(PathBuf),
+}
+
 struct Baseline {
     counters: ConntrackCounters,
 }
@@ -97,8 +108,8 @@ struct Baseline {
 pub struct ConntrackWatch {
     proc_root: PathBuf,
     named_netns_dir: PathBuf,
-    /// inum -> a file that refers to the namespace.
-    handles: HashMap<u32, PathBuf>,
+    /// inum -> how to read the namespace's counters.
+    handles: HashMap<u32, NetnsHandle>,
     baselines: HashMap<u32, Baseline>,
     last_refresh: Option<Instant>,
     refresh_every: Duration,
@@ -142,6 +153,10 @@ impl ConntrackWatch {
         }
         self.last_refresh = Some(Instant::now());
         self.discover();
+        let handles = &self.handles;
+        self.baselines.retain(|inum, _| handles.contains_key(inum));
+        self.recent_verdicts
+            .retain(|inum, _| handles.contains_key(inum));
         let inums: Vec<u32> = self.handles.keys().copied().collect();
         for inum in inums {
             match self.read(inum) {
@@ -204,30 +219,20 @@ impl ConntrackWatch {
         }
     }
 
-    /// Maps namespace inode numbers to files that hold them: named namespaces first (they may
-    /// have no process), then every process's.
+    /// Maps namespace inode numbers to ways into them: a process where there is one, else a
+    /// named namespace file.
     fn discover(&mut self) {
-        if self.handles.len() >= MAX_NAMESPACES {
-            self.handles.clear();
+        if self.baselines.len() >= MAX_NAMESPACES {
             self.baselines.clear();
         }
-        if let Ok(entries) = fs::read_dir(&self.named_netns_dir) {
-            for entry in entries.flatten() {
-                if let Ok(meta) = fs::metadata(entry.path()) {
-                    if let Ok(inum) = u32::try_from(meta.ino()) {
-                        self.handles.entry(inum).or_insert_with(|| entry.path());
-                    }
-                }
-            }
-        }
+        let mut found: HashMap<u32, NetnsHandle> = HashMap::new();
         if let Ok(entries) = fs::read_dir(&self.proc_root) {
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
                     continue;
                 }
-                let path = entry.path().join("ns/net");
-                let Ok(link) = fs::read_link(&path) else {
+                let Ok(link) = fs::read_link(entry.path().join("ns/net")) else {
                     continue;
                 };
                 let inum = link
@@ -236,19 +241,37 @@ impl ConntrackWatch {
                     .and_then(|s| s.strip_suffix(']'))
                     .and_then(|s| s.parse::<u32>().ok());
                 if let Some(inum) = inum {
-                    self.handles.entry(inum).or_insert(path);
+                    found
+                        .entry(inum)
+                        .or_insert_with(|| NetnsHandle::Process(entry.path().join("net")));
                 }
             }
         }
+        if let Ok(entries) = fs::read_dir(&self.named_netns_dir) {
+            for entry in entries.flatten() {
+                if let Ok(meta) = fs::metadata(entry.path()) {
+                    if let Ok(inum) = u32::try_from(meta.ino()) {
+                        found
+                            .entry(inum)
+                            .or_insert_with(|| NetnsHandle::File(entry.path()));
+                    }
+                }
+            }
+        }
+        // Processes come and go: a fresh scan replaces the old handles.
+        self.handles = found;
     }
 
     fn read(&self, inum: u32) -> Result<ConntrackCounters, ConntrackError> {
-        let path = self
-            .handles
-            .get(&inum)
-            .ok_or(ConntrackError::UnknownNetns(inum))?
-            .clone();
-        read_in_netns(inum, &path)
+        match self.handles.get(&inum) {
+            Some(NetnsHandle::Process(net)) => {
+                let text = fs::read_to_string(net.join("stat/nf_conntrack"))
+                    .map_err(|source| ConntrackError::Read { inum, source })?;
+                parse_stat(&text)
+            }
+            Some(NetnsHandle::File(path)) => read_in_netns(inum, path),
+            None => Err(ConntrackError::UnknownNetns(inum)),
+        }
     }
 }
 
