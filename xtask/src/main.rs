@@ -1,1 +1,365 @@
-fn main() {}
+//! Project tasks, run as `cargo xtask <task>` (alias in .cargo/config.toml).
+//!
+//! - `setup`: installs what a fresh Debian 12 machine lacks to build and test dnsprobe
+//!   (Debian packages, nightly rust-src, bpf-linker, the manifest validator from PyPI).
+//! - `run`: setup, release build, then replaces itself with `dnsprobe run ...`.
+//! - `test`: setup, fmt check, clippy, then every test of the workspace.
+//!
+//! Every step is idempotent and says what it does or skips, so a CI log shows what a fresh
+//! machine needed. Errors name the step that failed.
+
+use std::{
+    env,
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the build, the daemon and the integration tests need.
+const DEBIAN_PACKAGES: &[&str] = &[
+    // bpf-linker links against Debian's LLVM 22.
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    // Peers of the integration tests: a real resolver, real clients, a musl toolchain.
+    "unbound",
+    "bind9-dnsutils",
+    "musl-tools",
+    // Inspection and load tools used while developing and by the tests' worlds.
+    "bpftool",
+    "conntrack",
+    "iptables",
+    "iproute2",
+    "tcpdump",
+    "dnsperf",
+    "iperf3",
+    "tmux",
+    "python3",
+];
+
+/// The offline Kubernetes schema validator the deploy manifest tests run (a PyPI package).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "dnsprobe project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what a fresh Debian 12 machine lacks (Debian packages, nightly rust-src,
+    /// bpf-linker, kubernetes-validate for the manifest tests). Needs root.
+    Setup,
+    /// Set up, build the release daemon, and run `dnsprobe run ARGS...` in its place.
+    Run {
+        /// Arguments for `dnsprobe run`, after `--` (e.g. `cargo xtask run -- --format json`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Set up, then `cargo fmt --check`, clippy with warnings denied, and all tests (as root:
+    /// the integration tests load eBPF programs).
+    Test {
+        /// Extra arguments for `cargo test`, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup(),
+        Task::Run { args } => run(args),
+        Task::Test { args } => test(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root: xtask lives one level below it.
+fn workspace_root() -> Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask's manifest directory has no parent")
+}
+
+/// `cargo` from PATH, i.e. the rustup proxy, so nested invocations pick the same toolchain
+/// rules as the user's shell.
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root);
+    cmd
+}
+
+/// Runs `cmd` with inherited stdio; a failure to start or a non-zero exit names `step`.
+fn run_step(step: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {step}: {}", describe(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("{step}: cannot start `{}`", describe(cmd)))?;
+    if !status.success() {
+        bail!("{step} failed: `{}` exited with {status}", describe(cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` quietly for its stdout; `None` if it could not start or failed, for probes
+/// whose failure just means "not there yet".
+fn probe(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+fn setup() -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        bail!(
+            "setup needs root (effective uid is {euid}): it installs Debian packages, and the \
+             daemon and its tests load eBPF programs; run it as root, e.g. `sudo -E cargo xtask ...`"
+        );
+    }
+    debian_packages()?;
+    nightly_toolchain()?;
+    bpf_linker()?;
+    python_packages()?;
+    eprintln!("xtask: setup: done");
+    Ok(())
+}
+
+fn debian_packages() -> Result<()> {
+    let step = "setup: Debian packages";
+    let mut missing = Vec::new();
+    for &pkg in DEBIAN_PACKAGES {
+        let out = Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", pkg])
+            .output()
+            .with_context(|| format!("{step}: cannot run dpkg-query (is this Debian?)"))?;
+        // dpkg-query fails for a package it has never heard of; that is "missing" too.
+        let status = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && status.trim_end().ends_with("install ok installed") {
+            continue;
+        }
+        missing.push(pkg);
+    }
+    if missing.is_empty() {
+        eprintln!(
+            "xtask: {step}: all {} present, skipping apt-get",
+            DEBIAN_PACKAGES.len()
+        );
+        return Ok(());
+    }
+    eprintln!("xtask: {step}: missing {}", missing.join(" "));
+    run_step(
+        &format!("{step}: apt-get update"),
+        Command::new("apt-get").arg("update"),
+    )?;
+    run_step(
+        &format!("{step}: apt-get install"),
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y"])
+            .args(&missing),
+    )
+}
+
+fn nightly_toolchain() -> Result<()> {
+    let step = "setup: nightly toolchain";
+    let toolchains =
+        probe(Command::new("rustup").args(["toolchain", "list"])).with_context(|| {
+            format!("{step}: `rustup toolchain list` failed (is rustup installed?)")
+        })?;
+    // Lines look like `nightly-x86_64-unknown-linux-gnu (default)`.
+    if toolchains.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("xtask: {step}: present, skipping");
+    } else {
+        run_step(
+            &format!("{step}: install"),
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]),
+        )
+        .with_context(|| {
+            format!(
+                "{step}: no `nightly` toolchain and it could not be installed; the eBPF programs \
+                 are built with nightly (-Z build-std)"
+            )
+        })?;
+    }
+
+    let step = "setup: rust-src for nightly";
+    let components = probe(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .with_context(|| format!("{step}: `rustup component list --toolchain nightly` failed"))?;
+    // Installed components are listed as `rust-src` (no target suffix for this one).
+    if components.lines().any(|l| l.trim() == "rust-src") {
+        eprintln!("xtask: {step}: present, skipping");
+        return Ok(());
+    }
+    run_step(
+        step,
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+    )
+}
+
+fn bpf_linker_version() -> Option<String> {
+    probe(Command::new("bpf-linker").arg("--version"))
+}
+
+fn bpf_linker() -> Result<()> {
+    let step = "setup: bpf-linker";
+    let wanted = format!("bpf-linker {BPF_LINKER_VERSION}");
+    match bpf_linker_version() {
+        Some(v) if v.contains(BPF_LINKER_VERSION) => {
+            eprintln!("xtask: {step}: {} present, skipping", v.trim());
+            return Ok(());
+        }
+        Some(v) => eprintln!("xtask: {step}: found {}, want {wanted}", v.trim()),
+        None => eprintln!("xtask: {step}: not found, want {wanted}"),
+    }
+    // bpf-linker's build finds llvm-config on PATH; Debian keeps LLVM 22's out of the default PATH.
+    let path = match env::var_os("PATH") {
+        Some(p) => {
+            let mut dirs = vec![PathBuf::from(LLVM_BIN)];
+            dirs.extend(env::split_paths(&p));
+            env::join_paths(dirs).context("building PATH for the bpf-linker build")?
+        }
+        None => OsString::from(LLVM_BIN),
+    };
+    let install = |locked: bool| {
+        let mut cmd = Command::new("cargo");
+        cmd.env("PATH", &path)
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION]);
+        if locked {
+            cmd.arg("--locked");
+        }
+        cmd.args(["--no-default-features", "--features", "llvm-22"]);
+        run_step(&format!("{step}: cargo install"), &mut cmd)
+    };
+    if let Err(err) = install(true) {
+        // The published lock file can pin crates that no longer build; an unlocked resolve is
+        // the documented fallback.
+        eprintln!("xtask: {step}: {err:#}; retrying without --locked");
+        install(false)?;
+    }
+    match bpf_linker_version() {
+        Some(v) if v.contains(BPF_LINKER_VERSION) => Ok(()),
+        Some(v) => bail!(
+            "{step}: installed, but `bpf-linker --version` says `{}`, want {wanted} (another \
+             bpf-linker earlier on PATH?)",
+            v.trim()
+        ),
+        None => bail!(
+            "{step}: installed, but `bpf-linker --version` does not run (is ~/.cargo/bin on PATH?)"
+        ),
+    }
+}
+
+fn python_packages() -> Result<()> {
+    let step = "setup: python package kubernetes-validate";
+    let wanted = KUBERNETES_VALIDATE_VERSION;
+    // Asks the interpreter the tests will run, not pip's idea of it.
+    let installed = probe(Command::new("python3").args([
+        "-c",
+        "import importlib.metadata as m; print(m.version('kubernetes-validate'))",
+    ]));
+    match installed.as_deref().map(str::trim) {
+        Some(v) if v == wanted => {
+            eprintln!("xtask: {step}: {v} present, skipping");
+            return Ok(());
+        }
+        Some(v) => eprintln!("xtask: {step}: found {v}, want {wanted}"),
+        None => eprintln!("xtask: {step}: not found, want {wanted}"),
+    }
+    run_step(
+        step,
+        Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            &format!("{KUBERNETES_VALIDATE}=={wanted}"),
+        ]),
+    )
+}
+
+fn run(args: Vec<OsString>) -> Result<()> {
+    setup()?;
+    let root = workspace_root()?;
+    run_step(
+        "run: build",
+        cargo(&root).args(["build", "--release", "-p", "dnsprobe"]),
+    )?;
+    let target_dir = match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    };
+    let daemon = target_dir.join("release").join("dnsprobe");
+    let mut cmd = Command::new(&daemon);
+    cmd.arg("run").args(&args);
+    eprintln!("xtask: run: exec {}", describe(&cmd));
+    // exec, not spawn: the daemon gets Ctrl-C and SIGTERM directly and its exit code is ours.
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("run: cannot exec {}", daemon.display()))
+}
+
+fn test(args: Vec<OsString>) -> Result<()> {
+    setup()?;
+    let root = workspace_root()?;
+    run_step(
+        "test: format check",
+        cargo(&root).args(["fmt", "--all", "--check"]),
+    )
+    .context("code is not formatted; run `cargo fmt --all`")?;
+    run_step(
+        "test: clippy",
+        cargo(&root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run_step(
+        "test: cargo test",
+        cargo(&root).args(["test", "--workspace"]).args(&args),
+    )?;
+    eprintln!("xtask: test: all steps passed");
+    Ok(())
+}
