@@ -204,6 +204,9 @@ pub fn decode_message(bytes: &[u8], cut_short: bool) -> Result<DnsMessage, Decod
             if cut_short {
                 let mut partial = parse_header_and_question(bytes)?;
                 partial.partial = true;
+                if partial.is_response {
+                    partial.answers = salvage_addresses(bytes);
+                }
                 Ok(partial)
             } else {
                 Err(DecodeError::Malformed(err.to_string()))
@@ -264,6 +267,50 @@ pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError
         answers: Vec::new(),
         partial: false,
     })
+}
+
+/// The A and AAAA answers that fit in a message cut short by the capture bound (a long TCP
+/// answer): records are read one by one until the bytes run out.
+fn salvage_addresses(bytes: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(qd) = bytes.get(4..6).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+        return out;
+    };
+    let Some(an) = bytes.get(6..8).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+        return out;
+    };
+    let mut pos = 12;
+    for _ in 0..qd {
+        let Ok((_, end)) = read_name(bytes, pos) else {
+            return out;
+        };
+        pos = end + 4;
+    }
+    for _ in 0..an {
+        let Ok((_, end)) = read_name(bytes, pos) else {
+            return out;
+        };
+        let Some(fixed) = bytes.get(end..end + 10) else {
+            return out;
+        };
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        let Some(rdata) = bytes.get(end + 10..end + 10 + rdlen) else {
+            return out;
+        };
+        match (rtype, rdata.len()) {
+            (1, 4) => out
+                .push(std::net::Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]).to_string()),
+            (28, 16) => {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(rdata);
+                out.push(std::net::Ipv6Addr::from(a).to_string());
+            }
+            _ => {}
+        }
+        pos = end + 10 + rdlen;
+    }
+    out
 }
 
 /// Returns the name in presentation form and the offset just past it in the message.
@@ -426,6 +473,27 @@ mod tests {
     }
 
     #[test]
+    fn cut_short_answers_keep_the_records_that_fit() {
+        // Three A records, the last one cut in its address.
+        let mut r = QUERY_A.to_vec();
+        r[2] = 0x81;
+        r[3] = 0x80;
+        r[7] = 3;
+        for last in [1u8, 2, 3] {
+            r.extend_from_slice(&[
+                0xc0, 0x0c, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x0e, 0x10, 0x00, 0x04, 10, 0, 0,
+                last,
+            ]);
+        }
+        let m = decode_message(&r[..r.len() - 2], true).unwrap();
+        assert!(m.partial);
+        assert_eq!(
+            m.answers,
+            vec!["10.0.0.1".to_owned(), "10.0.0.2".to_owned()]
+        );
+    }
+
+    #[test]
     fn compression_pointer_loop_is_rejected() {
         let mut msg = QUERY_A[..12].to_vec();
         msg.extend_from_slice(&[0xc0, 0x0c, 0x00, 0x01, 0x00, 0x01]);
@@ -468,6 +536,8 @@ mod tests {
         let m = decode_tcp_segment(&seg).unwrap();
         assert!(m.is_response);
         assert!(m.partial);
+        // The one answer record was cut: nothing to salvage.
+        assert!(m.answers.is_empty());
         // A continuation segment is not a message start.
         assert!(decode_tcp_segment(&[0, 3, 1, 2, 3]).is_err());
         assert!(decode_tcp_segment(&[0]).is_err());

@@ -23,6 +23,12 @@ use crate::{
 };
 
 const RCODE_NOERROR: u16 = 0;
+const RCODE_NXDOMAIN: u16 = 3;
+const DEFAULT_TIMEOUT_S: u32 = 5;
+const DEFAULT_ATTEMPTS: u32 = 2;
+/// A send this soon after a response to the same question is a reaction to that response (a
+/// retry after SERVFAIL), not a resend after waiting.
+const REACTION_NS: u64 = 50_000_000;
 /// Kernel drop reasons of a response that reached the client's host but not its reader: the
 /// socket was closed, its receive buffer was full, or it was purged on close.
 const UNREAD_RESPONSE_REASONS: &[&str] =
@@ -35,6 +41,17 @@ pub struct ResolverConfig {
     /// Search domains, fully qualified and lower case (`ns.svc.cluster.local.`).
     pub search: Vec<String>,
     pub ndots: u32,
+    /// `options timeout:` in seconds (glibc and musl default: 5).
+    pub timeout_s: u32,
+    /// `options attempts:` (default 2).
+    pub attempts: u32,
+}
+
+impl ResolverConfig {
+    /// The longest a resolver following this file keeps retrying one question.
+    pub fn patience_ns(&self) -> u64 {
+        u64::from(self.timeout_s.max(1)) * u64::from(self.attempts.max(1)) * 1_000_000_000
+    }
 }
 
 impl ResolverConfig {
@@ -42,6 +59,8 @@ impl ResolverConfig {
         let mut cfg = ResolverConfig {
             search: Vec::new(),
             ndots: 1,
+            timeout_s: DEFAULT_TIMEOUT_S,
+            attempts: DEFAULT_ATTEMPTS,
         };
         for line in text.lines() {
             let line = line.split(['#', ';']).next().unwrap_or("");
@@ -59,9 +78,18 @@ impl ResolverConfig {
                 }
                 Some("options") => {
                     for opt in words {
+                        // The caps are glibc's and musl's own.
                         if let Some(n) = opt.strip_prefix("ndots:") {
                             if let Ok(n) = n.parse::<u32>() {
                                 cfg.ndots = n.min(15);
+                            }
+                        } else if let Some(n) = opt.strip_prefix("timeout:") {
+                            if let Ok(n) = n.parse::<u32>() {
+                                cfg.timeout_s = n.clamp(1, 30);
+                            }
+                        } else if let Some(n) = opt.strip_prefix("attempts:") {
+                            if let Ok(n) = n.parse::<u32>() {
+                                cfg.attempts = n.clamp(1, 10);
                             }
                         }
                     }
@@ -249,6 +277,97 @@ pub struct LateArrival {
     pub cgroup_id: u64,
 }
 
+impl OpenLookup {
+    fn patience_ns(&self) -> u64 {
+        self.resolver
+            .as_ref()
+            .map(ResolverConfig::patience_ns)
+            .unwrap_or(u64::from(DEFAULT_TIMEOUT_S) * u64::from(DEFAULT_ATTEMPTS) * 1_000_000_000)
+    }
+}
+
+/// Latest response code of every question (name and type) asked, `None` when unanswered.
+fn latest_rcodes(queries: &[FinishedQuery]) -> HashMap<(String, u16), Option<u16>> {
+    let mut latest: HashMap<(String, u16), (u64, Option<u16>)> = HashMap::new();
+    for q in queries {
+        let at = q.response_ts_ns.unwrap_or_else(|| q.first_send_ns());
+        let e = latest
+            .entry((q.qname.to_ascii_lowercase(), q.qtype))
+            .or_insert((0, None));
+        if at >= e.0 {
+            *e = (at, q.rcode);
+        }
+    }
+    latest.into_iter().map(|(k, (_, r))| (k, r)).collect()
+}
+
+/// Every question's latest answer is definitive: an answer or a name that does not exist.
+fn settled(queries: &[FinishedQuery]) -> bool {
+    latest_rcodes(queries)
+        .values()
+        .all(|r| matches!(r, Some(RCODE_NOERROR) | Some(RCODE_NXDOMAIN)))
+}
+
+/// When the client stopped waiting. Settled lookups end with their last answer. Otherwise the
+/// resolver went on resending until it gave up: its retry interval shows in the spacing of
+/// sends that were not reactions to a response, and it gave up one interval after its last.
+fn lookup_end_ns(lookup: &OpenLookup, query_timeout_ns: u64) -> u64 {
+    let queries = &lookup.queries;
+    let last_response = queries.iter().filter_map(|q| q.response_ts_ns).max();
+    if settled(queries) {
+        return last_response.unwrap_or(lookup.last_activity_ns);
+    }
+    let mut by_question: HashMap<(String, u16), (Vec<u64>, Vec<u64>)> = HashMap::new();
+    for q in queries {
+        let e = by_question
+            .entry((q.qname.to_ascii_lowercase(), q.qtype))
+            .or_default();
+        e.0.extend(&q.send_ts_ns);
+        e.1.extend(q.response_ts_ns);
+    }
+    let mut interval: Option<u64> = None;
+    let mut last_timed_send = 0u64;
+    for (sends, responses) in by_question.values_mut() {
+        sends.sort_unstable();
+        let timed: Vec<u64> = sends
+            .iter()
+            .copied()
+            .filter(|&s| {
+                !responses
+                    .iter()
+                    .any(|&r| r <= s && s.saturating_sub(r) < REACTION_NS)
+            })
+            .collect();
+        for pair in timed.windows(2) {
+            let gap = pair[1] - pair[0];
+            if gap >= REACTION_NS {
+                interval = Some(interval.map_or(gap, |i| i.min(gap)));
+            }
+        }
+        if let Some(&last) = timed.last() {
+            last_timed_send = last_timed_send.max(last);
+        }
+    }
+    let last_send = queries
+        .iter()
+        .flat_map(|q| q.send_ts_ns.iter().copied())
+        .max()
+        .unwrap_or(lookup.first_send_ns);
+    let end = match (interval, last_response) {
+        (Some(interval), _) => last_timed_send.saturating_add(interval),
+        // Answered (with a failure) and never asked again: the client took the answer.
+        (None, Some(response)) => response,
+        (None, None) => {
+            let timeout = lookup
+                .resolver
+                .as_ref()
+                .map_or(DEFAULT_TIMEOUT_S, |r| r.timeout_s);
+            last_send.saturating_add((u64::from(timeout) * 1_000_000_000).min(query_timeout_ns))
+        }
+    };
+    end.max(last_response.unwrap_or(0))
+}
+
 struct OpenLookup {
     name: String,
     resolver: Option<ResolverConfig>,
@@ -269,6 +388,9 @@ struct OpenLookup {
 #[derive(Debug, Clone, Copy)]
 pub struct DiagnosisConfig {
     pub slow_ns: u64,
+    /// The daemon's `--query-timeout`: the longest a lookup is assumed to wait when nothing
+    /// else tells.
+    pub query_timeout_ns: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -440,12 +562,29 @@ impl LookupTracker {
     pub fn close_idle(&mut self, now_ns: u64, out: &mut Vec<LookupRecord>) {
         let idle_ns = self.idle_ns;
         let stale_ns = self.stale_ns;
+        let proc_root = self.configs.proc_root.clone();
+        // A resolver can only retry while its process lives: once the client has exited, its
+        // lookup is over, whatever the last answer was.
+        let alive =
+            |pid: Option<u32>| pid.is_none_or(|pid| proc_root.join(pid.to_string()).exists());
         let done: Vec<LookupKey> = self
             .open
             .iter()
             .filter(|(_, l)| {
                 let quiet = now_ns.saturating_sub(l.last_activity_ns);
-                (l.pending == 0 && quiet >= idle_ns) || quiet >= stale_ns
+                if quiet >= stale_ns.max(l.patience_ns().saturating_add(idle_ns)) {
+                    return true;
+                }
+                if l.pending > 0 || quiet < idle_ns {
+                    return false;
+                }
+                // A question last answered with SERVFAIL (or not at all) may still be retried
+                // by the resolver (musl retries for its whole timeout): wait as long as it
+                // would, unless everything got a definitive answer.
+                settled(&l.queries)
+                    || now_ns.saturating_sub(l.first_send_ns)
+                        >= l.patience_ns().saturating_add(idle_ns)
+                    || !alive(l.pid)
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -504,6 +643,7 @@ fn is_expansion(lookup_name: &str, q: &FinishedQuery) -> bool {
 }
 
 fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
+    let end_ns = lookup_end_ns(&lookup, cfg.query_timeout_ns);
     let queries = &lookup.queries;
     let expansions: Vec<&FinishedQuery> = queries
         .iter()
@@ -533,12 +673,53 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
             }
         }
     }
-    let end_ns = queries
-        .iter()
-        .filter_map(|q| q.response_ts_ns)
-        .max()
-        .unwrap_or(lookup.last_activity_ns);
     let duration_ns = end_ns.saturating_sub(lookup.first_send_ns);
+    // The final name's worst latest answer: A answered but AAAA still SERVFAIL is a failed
+    // lookup for musl (and a degraded one for glibc), so it must not read NOERROR.
+    // A failure the resolver never asked again about, next to an answer of another type, is
+    // one it accepted (glibc returns the A answer when AAAA fails); one it kept retrying (musl)
+    // failed the lookup.
+    let final_rcode = match &final_name {
+        Some(final_name) => {
+            let latest = latest_rcodes(queries);
+            let has_answers = !answers.is_empty();
+            // The resolver insisted on a question when it resent it after waiting, or asked
+            // again after a failure answer.
+            let insisted = |name: &str, qtype: u16, rcode: &Option<u16>| -> bool {
+                let mut sends: Vec<u64> = queries
+                    .iter()
+                    .filter(|q| q.qtype == qtype && q.qname.eq_ignore_ascii_case(name))
+                    .flat_map(|q| q.send_ts_ns.iter().copied())
+                    .collect();
+                sends.sort_unstable();
+                let waited = sends.windows(2).any(|w| w[1] - w[0] >= REACTION_NS);
+                waited || (rcode.is_some() && sends.len() > 1)
+            };
+            let mut worst: Option<Option<u16>> = None;
+            for ((name, qtype), rcode) in &latest {
+                if name != final_name {
+                    continue;
+                }
+                let accepted_failure = has_answers
+                    && !matches!(rcode, Some(RCODE_NOERROR))
+                    && !insisted(name, *qtype, rcode);
+                if accepted_failure {
+                    continue;
+                }
+                let rank = |r: &Option<u16>| match r {
+                    Some(RCODE_NOERROR) => 0,
+                    Some(RCODE_NXDOMAIN) => 1,
+                    Some(_) => 2,
+                    None => 3,
+                };
+                if worst.as_ref().is_none_or(|w| rank(rcode) > rank(w)) {
+                    worst = Some(*rcode);
+                }
+            }
+            worst.flatten()
+        }
+        None => None,
+    };
     let diagnosis = diagnose(&lookup, cfg);
     LookupRecord {
         event: "lookup",
@@ -547,7 +728,7 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
         duration_ns,
         queries: queries.len(),
         search_expansions: expansions.len(),
-        final_rcode: final_query.and_then(|q| q.rcode).map(rcode_name),
+        final_rcode: final_rcode.map(rcode_name),
         answers,
         pid: lookup.pid,
         comm: lookup.comm.clone(),
@@ -709,11 +890,16 @@ fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
                 });
                 continue;
             }
-            let waited = q
+            // The wait runs from the send that was dropped (the last one before the drop) to
+            // the next time the resolver asked, on this query or a new one.
+            let dropped_send = q
                 .send_ts_ns
                 .iter()
-                .find(|&&t| t > d.ts_ns)
-                .map(|&resend| resend.saturating_sub(q.first_send_ns()));
+                .copied()
+                .filter(|&t| t <= d.ts_ns)
+                .max()
+                .unwrap_or_else(|| q.first_send_ns());
+            let resend = q.send_ts_ns.iter().copied().find(|&t| t > d.ts_ns);
             let later_query = queries
                 .iter()
                 .filter(|l| {
@@ -723,8 +909,9 @@ fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
                 })
                 .map(|l| l.first_send_ns())
                 .min();
-            let retry_after =
-                waited.or_else(|| later_query.map(|t| t.saturating_sub(q.first_send_ns())));
+            let retry_after = resend
+                .or(later_query)
+                .map(|t| t.saturating_sub(dropped_send));
             let evidence = json!({
                 "id": q.id,
                 "question": describe(q),
@@ -735,6 +922,7 @@ fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
                 "netns": d.netns_inum,
                 "drop_ns": d.ts_ns,
                 "first_send_ns": q.first_send_ns(),
+                "dropped_send_ns": dropped_send,
                 "resolver_waited_ns": retry_after,
             });
             if d.kind == "conntrack_insert_failed" {
@@ -1014,6 +1202,8 @@ mod tests {
             resolver: Some(ResolverConfig {
                 search: vec!["ns1.svc.cluster.local.".into()],
                 ndots: 5,
+                timeout_s: 5,
+                attempts: 2,
             }),
             first_send_ns: queries.iter().map(|q| q.first_send_ns()).min().unwrap(),
             last_activity_ns: 0,
@@ -1032,7 +1222,10 @@ mod tests {
         record.diagnosis.iter().map(|d| d.code).collect()
     }
 
-    const CFG: DiagnosisConfig = DiagnosisConfig { slow_ns: 500 * MS };
+    const CFG: DiagnosisConfig = DiagnosisConfig {
+        slow_ns: 500 * MS,
+        query_timeout_ns: 10_000 * MS,
+    };
 
     #[test]
     fn healthy_lookup_has_no_diagnosis() {
@@ -1086,12 +1279,57 @@ mod tests {
         );
         assert_eq!(r.search_expansions, 2);
         assert_eq!(r.duration_ns, 3002 * MS);
-        assert_eq!(r.final_rcode.as_deref(), Some("NOERROR"));
+        // AAAA never got past SERVFAIL: the lookup failed (musl's getaddrinfo says EAI_AGAIN).
+        assert_eq!(r.final_rcode.as_deref(), Some("SERVFAIL"));
+        assert_eq!(r.answers, vec!["10.1.2.3"]);
         let exp_diag = &r.diagnosis[0];
         assert_eq!(exp_diag.evidence["extra_queries"], 2);
         assert_eq!(exp_diag.evidence["cost_ns"], 2 * MS);
         assert_eq!(r.diagnosis[1].evidence["retries"], 1);
         assert_eq!(r.diagnosis[2].evidence["count"], 2);
+    }
+
+    #[test]
+    fn unanswered_lookup_ends_one_retry_interval_after_the_last_resend() {
+        // musl, timeout:1 attempts:2: resends every 500 ms, gives up after 1 s.
+        let mut q = query("x.example.", 1, 9, &[0, 500 * MS], None, None);
+        q.outcome = Outcome::Unanswered;
+        let r = build_record(lookup("x.example.", vec![q]), &CFG);
+        assert_eq!(r.duration_ns, 1000 * MS);
+        assert_eq!(r.final_rcode, None);
+    }
+
+    #[test]
+    fn servfail_retries_keep_the_clock_running_until_the_resolver_gives_up() {
+        // musl, timeout 5 s, attempts 2: AAAA SERVFAIL after 1.5 s, immediate retries answered
+        // from cache, a timed resend at 2.5 s with its own immediate retries, then silence
+        // until musl gives up at 5 s.
+        let mut queries = vec![
+            query("a.example.", 1, 1, &[0], Some(MS), Some(0)),
+            query("a.example.", 28, 2, &[0], Some(1500 * MS), Some(2)),
+            query("a.example.", 28, 2, &[1501 * MS], Some(1502 * MS), Some(2)),
+            query("a.example.", 28, 2, &[2500 * MS], Some(2501 * MS), Some(2)),
+            query("a.example.", 28, 2, &[2502 * MS], Some(2503 * MS), Some(2)),
+        ];
+        queries[0].answers = vec!["10.1.2.3".into()];
+        let l = lookup("a.example.", queries);
+        assert!(!settled(&l.queries));
+        let r = build_record(l, &CFG);
+        assert_eq!(r.duration_ns, 5000 * MS);
+        assert_eq!(r.final_rcode.as_deref(), Some("SERVFAIL"));
+    }
+
+    #[test]
+    fn a_servfail_taken_as_final_ends_at_the_answer() {
+        // dig +tries=1: one send, SERVFAIL, nothing more.
+        let r = build_record(
+            lookup(
+                "a.example.",
+                vec![query("a.example.", 1, 1, &[0], Some(30 * MS), Some(2))],
+            ),
+            &CFG,
+        );
+        assert_eq!(r.duration_ns, 30 * MS);
     }
 
     #[test]

@@ -201,6 +201,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.max_inflight as usize,
             DiagnosisConfig {
                 slow_ns: u64::try_from(args.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
+                query_timeout_ns: u64::try_from(args.query_timeout.as_nanos()).unwrap_or(u64::MAX),
             },
         ),
         lookup_out: Vec::new(),

@@ -1,11 +1,18 @@
 //! Shared helpers of the integration tests: a small world of two network namespaces (a client
 //! and a DNS server joined by a veth pair), a cgroup for the client processes, the daemon under
-//! test, and a scripted DNS server for behaviour no real server shows on demand.
+//! test, and a scripted DNS server for behaviour no real server shows on demand. Also: unbound
+//! as a cluster DNS in front of a scripted upstream, a pod's pause process, a node world (pod
+//! netns -> node netns with kube-proxy style DNAT -> two DNS backend netns), iptables rules,
+//! conntrack counters and a guard for the machine-global conntrack hash size, and parsers of
+//! the daemon's `lookup`, `drop` and `late_response` records.
 //!
 //! Every resource is owned by a guard whose `Drop` removes it, so a failing (panicking) test
 //! leaves nothing behind. Names and subnets are unique per process and per world because the
 //! tests of a binary run in parallel threads, and every daemon sees the DNS traffic of all of
 //! them: tests only ever look at the records of their own cgroup.
+
+// Each test binary uses a different part of these helpers.
+#![allow(dead_code)]
 
 use std::{
     collections::HashMap,
@@ -52,6 +59,56 @@ pub const WWW_V4: &str = "10.1.2.3";
 pub const WWW_V6: &str = "fd00::3";
 pub const MULTI: &str = "multi.test.internal.";
 pub const MULTI_V4: [&str; 3] = ["10.1.2.4", "10.1.2.5", "10.1.2.6"];
+/// A name with so many A records (40) that its answer does not fit the 512 bytes of a UDP
+/// answer to a client without EDNS: unbound answers such a client with the TC bit.
+pub const BIG: &str = "big.test.internal.";
+pub const BIG_V4: [&str; 40] = [
+    "10.3.0.1",
+    "10.3.0.2",
+    "10.3.0.3",
+    "10.3.0.4",
+    "10.3.0.5",
+    "10.3.0.6",
+    "10.3.0.7",
+    "10.3.0.8",
+    "10.3.0.9",
+    "10.3.0.10",
+    "10.3.0.11",
+    "10.3.0.12",
+    "10.3.0.13",
+    "10.3.0.14",
+    "10.3.0.15",
+    "10.3.0.16",
+    "10.3.0.17",
+    "10.3.0.18",
+    "10.3.0.19",
+    "10.3.0.20",
+    "10.3.0.21",
+    "10.3.0.22",
+    "10.3.0.23",
+    "10.3.0.24",
+    "10.3.0.25",
+    "10.3.0.26",
+    "10.3.0.27",
+    "10.3.0.28",
+    "10.3.0.29",
+    "10.3.0.30",
+    "10.3.0.31",
+    "10.3.0.32",
+    "10.3.0.33",
+    "10.3.0.34",
+    "10.3.0.35",
+    "10.3.0.36",
+    "10.3.0.37",
+    "10.3.0.38",
+    "10.3.0.39",
+    "10.3.0.40",
+];
+/// The zone a cluster DNS ([`Resolver::ClusterDns`]) answers itself.
+pub const CLUSTER_ZONE: &str = "cluster.local.";
+/// Where a cluster DNS forwards everything outside [`CLUSTER_ZONE`] and [`ZONE`]: a loopback
+/// address of the world's server netns (private to that netns, so worlds cannot collide).
+pub const UPSTREAM_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 
 pub fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -399,6 +456,140 @@ impl Drop for Cgroup {
 }
 
 // ---------------------------------------------------------------------------------------------
+// unbound
+
+/// What [`Unbound::start`] needs.
+pub struct UnboundSpec<'a> {
+    /// The netns it runs in.
+    pub netns: &'a str,
+    /// Addresses it listens on (UDP and TCP port 53).
+    pub listen: &'a [IpAddr],
+    /// The netns the readiness probes run from (a client's).
+    pub probe_netns: &'a str,
+    /// Where its config and log go.
+    pub dir: &'a Path,
+    /// More configuration, appended after the common `server:` clause (unbound merges repeated
+    /// clauses), e.g. a `forward-zone:`.
+    pub extra: &'a str,
+    pub what: &'a str,
+}
+
+/// An unbound serving the static zone [`ZONE`], stopped on drop.
+pub struct Unbound {
+    _proc: Proc,
+    pub log: PathBuf,
+}
+
+impl Unbound {
+    /// Starts unbound and waits until it answers [`WWW`] on every listen address, asked from
+    /// `probe_netns`. The probes run in the test's own cgroup, not a world's, so they never
+    /// show up among a world's records.
+    pub fn start(spec: UnboundSpec) -> Self {
+        let conf = spec.dir.join("unbound.conf");
+        let mut text = String::from("server:\n");
+        for ip in spec.listen {
+            text.push_str(&format!("    interface: {ip}\n"));
+        }
+        let big: String = BIG_V4
+            .iter()
+            .map(|a| format!("    local-data: \"{BIG} 60 IN A {a}\"\n"))
+            .collect();
+        text.push_str(&format!(
+            r#"    port: 53
+    do-ip4: yes
+    do-ip6: yes
+    do-udp: yes
+    do-tcp: yes
+    access-control: 0.0.0.0/0 allow
+    access-control: ::/0 allow
+    do-not-query-localhost: yes
+    module-config: "iterator"
+    chroot: ""
+    username: ""
+    pidfile: ""
+    directory: "{dir}"
+    use-syslog: no
+    logfile: ""
+    verbosity: 1
+    num-threads: 1
+    local-zone: "{zone}" static
+    local-data: "{www} 60 IN A {www_v4}"
+    local-data: "{www} 60 IN AAAA {www_v6}"
+    local-data: "{multi} 60 IN A {m0}"
+    local-data: "{multi} 60 IN A {m1}"
+    local-data: "{multi} 60 IN A {m2}"
+{big}remote-control:
+    control-enable: no
+"#,
+            dir = spec.dir.display(),
+            zone = ZONE,
+            www = WWW,
+            www_v4 = WWW_V4,
+            www_v6 = WWW_V6,
+            multi = MULTI,
+            m0 = MULTI_V4[0],
+            m1 = MULTI_V4[1],
+            m2 = MULTI_V4[2],
+        ));
+        text.push_str(spec.extra);
+        fs::write(&conf, text).expect("writing unbound.conf");
+        let log_path = spec.dir.join("unbound.log");
+        let log = fs::File::create(&log_path).expect("creating unbound.log");
+        let log_err = log.try_clone().expect("cloning the unbound.log handle");
+        let conf_s = conf.to_string_lossy().into_owned();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", spec.netns, "unbound", "-d", "-c", &conf_s])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        die_with_parent(&mut cmd, libc::SIGKILL);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting unbound (is it installed?): {e}"));
+        let mut proc = Proc {
+            child,
+            what: spec.what.to_owned(),
+        };
+
+        let deadline = Instant::now() + RESOLVER_START_TIMEOUT;
+        for ip in spec.listen {
+            let server = format!("@{ip}");
+            loop {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", spec.probe_netns, "dig", &server])
+                    .args(["www.test.internal", "A", "+short", "+tries=1", "+time=1"])
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("running dig (is bind9-dnsutils installed?)");
+                if String::from_utf8_lossy(&out.stdout).trim() == WWW_V4 {
+                    break;
+                }
+                if let Ok(Some(status)) = proc.child.try_wait() {
+                    panic!(
+                        "{} exited ({status}): {}",
+                        spec.what,
+                        fs::read_to_string(&log_path).unwrap_or_default()
+                    );
+                }
+                if Instant::now() >= deadline {
+                    panic!(
+                        "{} did not answer on {server} within {RESOLVER_START_TIMEOUT:?}; \
+                         log: {}",
+                        spec.what,
+                        fs::read_to_string(&log_path).unwrap_or_default()
+                    );
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Self {
+            _proc: proc,
+            log: log_path,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The world
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -414,6 +605,10 @@ pub enum Resolver {
     Unbound,
     /// Nothing yet: the test starts a [`ScriptedServer`].
     Scripted,
+    /// unbound as a cluster DNS: the static zone, NXDOMAIN for every name under
+    /// `cluster.local.`, and everything else forwarded to [`UPSTREAM_V4`] in the server netns,
+    /// where the test starts a [`ScriptedServer::start_upstream`].
+    ClusterDns,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -463,6 +658,105 @@ impl ClientRun {
     }
 }
 
+impl ClientRun {
+    /// How long getaddrinfo took, as `gai.c` prints it on stderr (`getaddrinfo_ns N`).
+    pub fn getaddrinfo_ns(&self) -> u64 {
+        self.stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("getaddrinfo_ns ")?.trim().parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no getaddrinfo_ns line from {:?}: {}",
+                    self.argv, self.stderr
+                )
+            })
+    }
+}
+
+/// A command line that joins `cgroup`, then execs `ip netns exec` into `netns` (see
+/// [`World::client_command`]).
+pub fn client_command_in(cgroup: &Cgroup, netns: &str, argv: &[&str]) -> Command {
+    let procs = cgroup.dir.join("cgroup.procs");
+    let script = format!(
+        "echo $$ > '{}' && exec ip netns exec '{}' \"$@\"",
+        procs.display(),
+        netns
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script).arg("sh").args(argv);
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a client in `cgroup` and `netns` and waits for it to exit.
+pub fn run_client_in(cgroup: &Cgroup, netns: &str, argv: &[&str]) -> ClientRun {
+    let mut cmd = client_command_in(cgroup, netns, argv);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let started_ns = realtime_ns();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning client {argv:?}: {e}"));
+    let pid = child.id();
+    let stdout = drain(child.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
+    let status = match wait_timeout(&mut child, CLIENT_TIMEOUT) {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("client {argv:?} still running after {CLIENT_TIMEOUT:?}");
+        }
+    };
+    let finished_ns = realtime_ns();
+    ClientRun {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        pid,
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+        started_ns,
+        finished_ns,
+    }
+}
+
+/// A pod's "pause" process: `sleep` in a cgroup and netns for as long as the guard lives.
+pub struct Pause {
+    proc: Proc,
+}
+
+impl Pause {
+    pub fn start(cgroup: &Cgroup, netns: &str) -> Self {
+        let mut cmd = client_command_in(cgroup, netns, &["sleep", "3600"]);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        die_with_parent(&mut cmd, libc::SIGKILL);
+        let child = cmd.spawn().expect("spawning the pause process");
+        let pid = child.id();
+        let proc = Proc {
+            child,
+            what: format!("pause process {pid}"),
+        };
+        // Ready once it is `sleep`, i.e. past `ip netns exec`, which set up its view of
+        // /etc/resolv.conf.
+        let deadline = Instant::now() + CLIENT_TIMEOUT;
+        loop {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sleep" {
+                return Self { proc };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pause process {pid} did not become `sleep` (comm `{}`)",
+                comm.trim()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+}
+
 static NEXT_WORLD: AtomicU32 = AtomicU32::new(0);
 
 /// A client netns and a server netns joined by a veth pair, a cgroup for the clients, the
@@ -473,7 +767,7 @@ static NEXT_WORLD: AtomicU32 = AtomicU32::new(0);
 /// namespaces, then files.
 pub struct World {
     pub cgroup: Cgroup,
-    unbound: Option<Proc>,
+    unbound: Option<Unbound>,
     _etc_netns: RemoveDirOnDrop,
     _server_netns: Netns,
     _client_netns: Netns,
@@ -584,8 +878,10 @@ impl World {
             server_v6,
             sentinels: AtomicU32::new(0),
         };
-        if config.resolver == Resolver::Unbound {
-            world.start_unbound();
+        match config.resolver {
+            Resolver::Unbound => world.start_unbound(false),
+            Resolver::ClusterDns => world.start_unbound(true),
+            Resolver::Scripted => {}
         }
         world
     }
@@ -609,115 +905,39 @@ impl World {
         SocketAddr::new(self.server_ip(family), 53).to_string()
     }
 
-    fn start_unbound(&mut self) {
-        let conf = self.dir.path().join("unbound.conf");
-        let text = format!(
-            r#"server:
-    interface: {v4}
-    interface: {v6}
-    port: 53
-    do-ip4: yes
-    do-ip6: yes
-    do-udp: yes
-    do-tcp: yes
-    access-control: 0.0.0.0/0 allow
-    access-control: ::/0 allow
-    do-not-query-localhost: yes
-    module-config: "iterator"
-    chroot: ""
-    username: ""
-    pidfile: ""
-    directory: "{dir}"
-    use-syslog: no
-    logfile: ""
-    verbosity: 1
-    num-threads: 1
-    local-zone: "{zone}" static
-    local-data: "{www} 60 IN A {www_v4}"
-    local-data: "{www} 60 IN AAAA {www_v6}"
-    local-data: "{multi} 60 IN A {m0}"
-    local-data: "{multi} 60 IN A {m1}"
-    local-data: "{multi} 60 IN A {m2}"
-remote-control:
-    control-enable: no
+    fn start_unbound(&mut self, cluster_dns: bool) {
+        let listen = [IpAddr::V4(self.server_v4), IpAddr::V6(self.server_v6)];
+        // As a cluster DNS (CoreDNS, kube-dns): the cluster's own zone is answered locally
+        // (names under it that do not exist are NXDOMAIN at once) and everything else goes to
+        // one upstream, whose answer (a SERVFAIL too) is relayed as it is: unbound waits for a
+        // slow upstream instead of resending to it, does not retry a SERVFAIL, and keeps the
+        // failure in its cache for a few seconds, as CoreDNS's cache does.
+        let extra = if cluster_dns {
+            format!(
+                r#"server:
+    do-not-query-localhost: no
+    unknown-server-time-limit: 3000
+    outbound-msg-retry: 0
+    local-zone: "{cluster}" static
+forward-zone:
+    name: "."
+    forward-addr: {upstream}
 "#,
-            v4 = self.server_v4,
-            v6 = self.server_v6,
-            dir = self.dir.path().display(),
-            zone = ZONE,
-            www = WWW,
-            www_v4 = WWW_V4,
-            www_v6 = WWW_V6,
-            multi = MULTI,
-            m0 = MULTI_V4[0],
-            m1 = MULTI_V4[1],
-            m2 = MULTI_V4[2],
-        );
-        fs::write(&conf, text).expect("writing unbound.conf");
-        let log_path = self.dir.path().join("unbound.log");
-        let log = fs::File::create(&log_path).expect("creating unbound.log");
-        let log_err = log.try_clone().expect("cloning the unbound.log handle");
-        let conf_s = conf.to_string_lossy().into_owned();
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.server_ns,
-            "unbound",
-            "-d",
-            "-c",
-            &conf_s,
-        ])
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err);
-        die_with_parent(&mut cmd, libc::SIGKILL);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting unbound (is it installed?): {e}"));
-        self.unbound = Some(Proc {
-            child,
-            what: format!("unbound of world {}", self.tag),
+                cluster = CLUSTER_ZONE,
+                upstream = UPSTREAM_V4,
+            )
+        } else {
+            String::new()
+        };
+        let unbound = Unbound::start(UnboundSpec {
+            netns: &self.server_ns,
+            listen: &listen,
+            probe_netns: &self.client_ns,
+            dir: self.dir.path(),
+            extra: &extra,
+            what: &format!("unbound of world {}", self.tag),
         });
-
-        // Ready when it answers from the client netns on both addresses. These probes run in
-        // the test's own cgroup, not the world's, so they never show up as the world's records.
-        let deadline = Instant::now() + RESOLVER_START_TIMEOUT;
-        for family in [Family::V4, Family::V6] {
-            let server = format!("@{}", self.server_ip(family));
-            loop {
-                let out = Command::new("ip")
-                    .args([
-                        "netns",
-                        "exec",
-                        &self.client_ns,
-                        "dig",
-                        &server,
-                        "www.test.internal",
-                    ])
-                    .args(["A", "+short", "+tries=1", "+time=1"])
-                    .stdin(Stdio::null())
-                    .output()
-                    .expect("running dig (is bind9-dnsutils installed?)");
-                if String::from_utf8_lossy(&out.stdout).trim() == WWW_V4 {
-                    break;
-                }
-                if let Some(Ok(Some(status))) = self.unbound.as_mut().map(|p| p.child.try_wait()) {
-                    panic!(
-                        "unbound exited ({status}): {}",
-                        fs::read_to_string(&log_path).unwrap_or_default()
-                    );
-                }
-                if Instant::now() >= deadline {
-                    panic!(
-                        "unbound did not answer on {server} within {RESOLVER_START_TIMEOUT:?}; \
-                         log: {}",
-                        fs::read_to_string(&log_path).unwrap_or_default()
-                    );
-                }
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
+        self.unbound = Some(unbound);
     }
 
     /// A command line that joins the world's cgroup, then execs `ip netns exec` into the
@@ -725,47 +945,19 @@ remote-control:
     /// hides the cgroup tree. Both `sh`'s `exec` and `ip netns exec` replace the process
     /// without forking, so the spawned pid is the client's own pid.
     pub fn client_command(&self, argv: &[&str]) -> Command {
-        let procs = self.cgroup.dir.join("cgroup.procs");
-        let script = format!(
-            "echo $$ > '{}' && exec ip netns exec '{}' \"$@\"",
-            procs.display(),
-            self.client_ns
-        );
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(script).arg("sh").args(argv);
-        cmd.stdin(Stdio::null());
-        cmd
+        client_command_in(&self.cgroup, &self.client_ns, argv)
     }
 
     /// Runs a client in the world and waits for it to exit.
     pub fn run_client(&self, argv: &[&str]) -> ClientRun {
-        let mut cmd = self.client_command(argv);
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let started_ns = realtime_ns();
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning client {argv:?}: {e}"));
-        let pid = child.id();
-        let stdout = drain(child.stdout.take().expect("piped stdout"));
-        let stderr = drain(child.stderr.take().expect("piped stderr"));
-        let status = match wait_timeout(&mut child, CLIENT_TIMEOUT) {
-            Some(status) => status,
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("client {argv:?} still running after {CLIENT_TIMEOUT:?}");
-            }
-        };
-        let finished_ns = realtime_ns();
-        ClientRun {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            pid,
-            status,
-            stdout: stdout.join().unwrap_or_default(),
-            stderr: stderr.join().unwrap_or_default(),
-            started_ns,
-            finished_ns,
-        }
+        run_client_in(&self.cgroup, &self.client_ns, argv)
+    }
+
+    /// A long-lived process in the world's cgroup and client netns, like a pod's pause
+    /// container: the daemon reads the pod's resolv.conf through it when a client has already
+    /// exited. Killed on drop.
+    pub fn start_pause(&self) -> Pause {
+        Pause::start(&self.cgroup, &self.client_ns)
     }
 
     /// `dig @server NAME TYPE +tries=1 +time=T` in the world.
@@ -791,6 +983,457 @@ remote-control:
         );
         records.into_iter().filter(|r| r.qname != name).collect()
     }
+
+    /// Like [`World::settle`], for lookups: call it once every query of interest has its
+    /// record. A sentinel lookup starts after those queries ended, so it closes after their
+    /// lookups did; once its record is there, theirs are too. Returns the cgroup's lookups
+    /// without the sentinel's.
+    pub fn settle_lookups(&self, daemon: &Daemon) -> Vec<LookupRecord> {
+        let n = self.sentinels.fetch_add(1, Ordering::Relaxed);
+        let name = format!("sentinel-{}-{n}.test.internal.", self.tag);
+        sentinel_lookups(
+            daemon,
+            &self.cgroup,
+            &self.client_ns,
+            self.server_ip(Family::V4),
+            &name,
+        )
+    }
+}
+
+/// Runs a sentinel `dig` for `name` from `cgroup` in `netns` and waits for its lookup record;
+/// returns the cgroup's other lookups (see [`World::settle_lookups`]).
+pub fn sentinel_lookups(
+    daemon: &Daemon,
+    cgroup: &Cgroup,
+    netns: &str,
+    server: IpAddr,
+    name: &str,
+) -> Vec<LookupRecord> {
+    let server = format!("@{server}");
+    run_client_in(
+        cgroup,
+        netns,
+        &["dig", &server, name, "A", "+tries=1", "+time=2"],
+    );
+    let lookups = daemon.wait_until(
+        &format!("the sentinel lookup {name}"),
+        RECORD_TIMEOUT,
+        |d| {
+            let lookups = d.lookups(&cgroup.path);
+            lookups.iter().any(|l| l.name == name).then_some(lookups)
+        },
+    );
+    lookups.into_iter().filter(|l| l.name != name).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Netfilter and conntrack
+
+/// The inode number of a named network namespace: the `netns` of drop records.
+pub fn netns_inode(name: &str) -> u32 {
+    let path = format!("/run/netns/{name}");
+    let ino = fs::metadata(&path)
+        .unwrap_or_else(|e| panic!("stat {path}: {e}"))
+        .ino();
+    u32::try_from(ino).expect("netns inode fits 32 bits")
+}
+
+/// Runs a setup command inside a named netns.
+pub fn in_netns(netns: &str, argv: &[&str]) -> String {
+    let mut args = vec!["netns", "exec", netns];
+    args.extend_from_slice(argv);
+    run_ok("ip", &args)
+}
+
+/// An iptables rule in a netns, deleted on drop (`iptables -D` with the same spec); it would
+/// also go with its netns, but a test may outlive it.
+pub struct IptablesRule {
+    netns: String,
+    table: String,
+    chain: String,
+    spec: Vec<String>,
+}
+
+impl IptablesRule {
+    /// `iptables -t TABLE -A CHAIN SPEC...` in `netns`.
+    pub fn append(netns: &str, table: &str, chain: &str, spec: &[&str]) -> Self {
+        let mut argv = vec!["iptables", "-w", "-t", table, "-A", chain];
+        argv.extend_from_slice(spec);
+        in_netns(netns, &argv);
+        Self {
+            netns: netns.to_owned(),
+            table: table.to_owned(),
+            chain: chain.to_owned(),
+            spec: spec.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+impl Drop for IptablesRule {
+    fn drop(&mut self) {
+        if !Path::new("/run/netns").join(&self.netns).exists() {
+            return;
+        }
+        let mut args: Vec<&str> = vec!["netns", "exec", &self.netns];
+        args.extend(["iptables", "-w", "-t", &self.table, "-D", &self.chain]);
+        args.extend(self.spec.iter().map(String::as_str));
+        run_cleanup("ip", &args);
+    }
+}
+
+/// Conntrack counters of a netns (per-CPU sums of `/proc/net/stat/nf_conntrack` there).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConntrackStats {
+    pub entries: u64,
+    pub insert_failed: u64,
+    pub chaintoolong: u64,
+}
+
+pub fn conntrack_stats(netns: &str) -> ConntrackStats {
+    let text = in_netns(netns, &["cat", "/proc/net/stat/nf_conntrack"]);
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (entries, failed, chain) = (col("entries"), col("insert_failed"), col("chainlength"));
+    let mut stats = ConntrackStats::default();
+    for (i, line) in lines.enumerate() {
+        let values: Vec<u64> = line
+            .split_whitespace()
+            .map(|v| u64::from_str_radix(v, 16).unwrap_or(0))
+            .collect();
+        let get = |c: Option<usize>| c.and_then(|c| values.get(c)).copied().unwrap_or(0);
+        // `entries` is the same global count on every CPU's line.
+        if i == 0 {
+            stats.entries = get(entries);
+        }
+        stats.insert_failed += get(failed);
+        stats.chaintoolong += get(chain);
+    }
+    stats
+}
+
+// ---------------------------------------------------------------------------------------------
+// A node: client netns -> node netns (kube-proxy style DNAT) -> two DNS backend netns
+
+/// The service VIP the node DNATs to the DNS backends, as kube-proxy does for kube-dns. It
+/// exists only inside the node world's namespaces.
+pub const NODE_DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// A pod netns (the client) routed through a node netns that DNATs [`NODE_DNS_VIP`]:53 to
+/// two DNS backend netns (unbound in each), half the new flows each (`-m statistic`), as
+/// kube-proxy's iptables mode does. No netns has a route out of the world.
+///
+/// Fields drop in declaration order: clients first, then resolvers, then namespaces.
+pub struct NodeWorld {
+    pub cgroup: Cgroup,
+    _unbound: Vec<Unbound>,
+    _etc_netns: RemoveDirOnDrop,
+    _netns: Vec<Netns>,
+    pub dir: TempDir,
+    pub tag: String,
+    pub client_ns: String,
+    pub node_ns: String,
+    pub backend_ns: [String; 2],
+    pub client_v4: Ipv4Addr,
+    /// The node's address on the client's link (the client's default gateway).
+    pub node_v4: Ipv4Addr,
+    pub backend_v4: [Ipv4Addr; 2],
+    sentinels: AtomicU32,
+}
+
+impl NodeWorld {
+    /// `resolv_extra`: more lines for the client's resolv.conf (its nameserver is the VIP).
+    pub fn new(resolv_extra: &str) -> Self {
+        let pid = std::process::id();
+        let n = NEXT_WORLD.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{pid}-{n}");
+        // 10.<100 + pid % 50>.<(pid / 50) % 256>.<16 * (n % 16)>/28 per node world: three /30
+        // links. (Two-netns worlds use 10.200-249.x.y.)
+        let base = [
+            10u8,
+            100 + (pid % 50) as u8,
+            ((pid / 50) % 256) as u8,
+            ((n % 16) * 16) as u8,
+        ];
+        let ip = |off: u8| Ipv4Addr::new(base[0], base[1], base[2], base[3] + off);
+        let (node_v4, client_v4) = (ip(1), ip(2));
+        let (node_d1, backend1) = (ip(5), ip(6));
+        let (node_d2, backend2) = (ip(9), ip(10));
+
+        let dir = TempDir::new(&tag);
+        let cgroup = Cgroup::create(&format!("dp-test-{tag}"));
+        let client_ns = format!("dpt-{tag}-c");
+        let node_ns = format!("dpt-{tag}-n");
+        let backend_ns = [format!("dpt-{tag}-d1"), format!("dpt-{tag}-d2")];
+        let mut netns = Vec::new();
+        for name in [&client_ns, &node_ns, &backend_ns[0], &backend_ns[1]] {
+            netns.push(Netns::create(name));
+            run_ok("ip", &["-n", name, "link", "set", "lo", "up"]);
+        }
+        // (node end, node address, other netns, other end, other address)
+        let links = [
+            ("b", node_v4, &client_ns, "a", client_v4),
+            ("d", node_d1, &backend_ns[0], "e", backend1),
+            ("f", node_d2, &backend_ns[1], "g", backend2),
+        ];
+        for (node_end, node_ip, other_ns, other_end, other_ip) in links {
+            // "dpt" + pid (<= 7 digits) + side + n % 100: at most 13 bytes.
+            let node_dev = format!("dpt{pid}{node_end}{}", n % 100);
+            let other_dev = format!("dpt{pid}{other_end}{}", n % 100);
+            run_ok(
+                "ip",
+                &[
+                    "link", "add", &node_dev, "netns", &node_ns, "type", "veth", "peer", "name",
+                    &other_dev, "netns", other_ns,
+                ],
+            );
+            for (ns, dev, addr) in [
+                (&node_ns, &node_dev, node_ip),
+                (other_ns, &other_dev, other_ip),
+            ] {
+                run_ok(
+                    "ip",
+                    &["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev],
+                );
+                run_ok("ip", &["-n", ns, "link", "set", dev, "up"]);
+            }
+            // Everything the other side sends goes to the node, which has no route further.
+            run_ok(
+                "ip",
+                &[
+                    "-n",
+                    other_ns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &node_ip.to_string(),
+                ],
+            );
+        }
+        in_netns(&node_ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let vip = NODE_DNS_VIP.to_string();
+        for proto in ["udp", "tcp"] {
+            let to1 = format!("{backend1}:53");
+            let to2 = format!("{backend2}:53");
+            in_netns(
+                &node_ns,
+                &[
+                    "iptables",
+                    "-w",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-d",
+                    &vip,
+                    "-p",
+                    proto,
+                    "--dport",
+                    "53",
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    "0.5",
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &to1,
+                ],
+            );
+            in_netns(
+                &node_ns,
+                &[
+                    "iptables",
+                    "-w",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-d",
+                    &vip,
+                    "-p",
+                    proto,
+                    "--dport",
+                    "53",
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &to2,
+                ],
+            );
+        }
+
+        let etc_dir = PathBuf::from("/etc/netns").join(&client_ns);
+        let etc_netns = RemoveDirOnDrop(etc_dir.clone());
+        fs::create_dir_all(&etc_dir)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", etc_dir.display()));
+        let mut resolv = format!("nameserver {NODE_DNS_VIP}\n");
+        if !resolv_extra.is_empty() {
+            resolv.push_str(resolv_extra);
+            resolv.push('\n');
+        }
+        fs::write(etc_dir.join("resolv.conf"), resolv).expect("writing the client's resolv.conf");
+
+        let mut unbound = Vec::new();
+        for (i, (ns, addr)) in backend_ns.iter().zip([backend1, backend2]).enumerate() {
+            let sub = dir.path().join(format!("d{}", i + 1));
+            fs::create_dir_all(&sub).expect("creating a backend dir");
+            unbound.push(Unbound::start(UnboundSpec {
+                netns: ns,
+                listen: &[IpAddr::V4(addr)],
+                probe_netns: &client_ns,
+                dir: &sub,
+                extra: "",
+                what: &format!("unbound {} of node world {tag}", i + 1),
+            }));
+        }
+        Self {
+            cgroup,
+            _unbound: unbound,
+            _etc_netns: etc_netns,
+            _netns: netns,
+            dir,
+            tag,
+            client_ns,
+            node_ns,
+            backend_ns,
+            client_v4,
+            node_v4,
+            backend_v4: [backend1, backend2],
+            sentinels: AtomicU32::new(0),
+        }
+    }
+
+    pub fn run_client(&self, argv: &[&str]) -> ClientRun {
+        run_client_in(&self.cgroup, &self.client_ns, argv)
+    }
+
+    /// See [`World::settle_lookups`]; the sentinel asks the VIP.
+    pub fn settle_lookups(&self, daemon: &Daemon) -> Vec<LookupRecord> {
+        let n = self.sentinels.fetch_add(1, Ordering::Relaxed);
+        let name = format!("sentinel-{}-{n}.test.internal.", self.tag);
+        sentinel_lookups(
+            daemon,
+            &self.cgroup,
+            &self.client_ns,
+            IpAddr::V4(NODE_DNS_VIP),
+            &name,
+        )
+    }
+
+    /// Sends one UDP datagram from the client netns to each of `flows` distinct ports of the
+    /// first backend (never a DNS port): as many new, never answered conntrack flows through
+    /// the node. Sent from a thread that entered the client netns, on one socket.
+    pub fn flood(&self, flows: u16) {
+        let path = PathBuf::from("/run/netns").join(&self.client_ns);
+        let target = self.backend_v4[0];
+        thread::spawn(move || {
+            let ns =
+                fs::File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+            // SAFETY: a valid namespace fd; only this short-lived thread moves.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                panic!(
+                    "setns into {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+            let socket = UdpSocket::bind("0.0.0.0:0").expect("binding the flood socket");
+            let mut sent = 0u16;
+            let mut port = 1024u16;
+            while sent < flows && port < u16::MAX {
+                port += 1;
+                if port == 5353 {
+                    continue;
+                }
+                // A send may fail now and then (a full queue); the flow count is approximate.
+                let _ = socket.send_to(&[0u8; 8], SocketAddr::new(IpAddr::V4(target), port));
+                sent += 1;
+            }
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    }
+}
+
+/// Flushes the conntrack table of a netns on drop (`conntrack -F` there): the flood's
+/// entries go at once instead of after their timeout.
+pub struct ConntrackFlush(pub String);
+
+impl Drop for ConntrackFlush {
+    fn drop(&mut self) {
+        if Path::new("/run/netns").join(&self.0).exists() {
+            run_cleanup("ip", &["netns", "exec", &self.0, "conntrack", "-F"]);
+        }
+    }
+}
+
+/// The machine-global conntrack hash size (`/sys/module/nf_conntrack/parameters/hashsize`),
+/// changed for as long as the guard lives and restored on drop, also when the test panics.
+/// The value to restore is kept in a file too, so a run killed before it could restore is
+/// repaired by the next one.
+pub struct HashsizeGuard {
+    old: String,
+}
+
+pub const HASHSIZE_PATH: &str = "/sys/module/nf_conntrack/parameters/hashsize";
+pub const HASHSIZE_SAVED: &str = "/run/dnsprobe-test-conntrack-hashsize.saved";
+
+pub fn conntrack_hashsize() -> String {
+    fs::read_to_string(HASHSIZE_PATH)
+        .unwrap_or_else(|e| panic!("reading {HASHSIZE_PATH}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+impl HashsizeGuard {
+    pub fn set(value: &str) -> Self {
+        let current = conntrack_hashsize();
+        let old = match fs::read_to_string(HASHSIZE_SAVED) {
+            Ok(saved) if !saved.trim().is_empty() => {
+                eprintln!(
+                    "an earlier run left the conntrack hash size at {current}; its original \
+                     was {}",
+                    saved.trim()
+                );
+                saved.trim().to_owned()
+            }
+            _ => current,
+        };
+        fs::write(HASHSIZE_SAVED, &old).unwrap_or_else(|e| panic!("writing {HASHSIZE_SAVED}: {e}"));
+        let guard = Self { old };
+        fs::write(HASHSIZE_PATH, value)
+            .unwrap_or_else(|e| panic!("writing {value} to {HASHSIZE_PATH}: {e}"));
+        guard
+    }
+
+    pub fn old(&self) -> &str {
+        &self.old
+    }
+}
+
+impl Drop for HashsizeGuard {
+    fn drop(&mut self) {
+        match fs::write(HASHSIZE_PATH, &self.old) {
+            Ok(()) if conntrack_hashsize_is(&self.old) => {
+                let _ = fs::remove_file(HASHSIZE_SAVED);
+            }
+            Ok(()) => eprintln!(
+                "cleanup: {HASHSIZE_PATH} reads {:?} after restoring {}",
+                fs::read_to_string(HASHSIZE_PATH),
+                self.old
+            ),
+            Err(e) => eprintln!("cleanup: restoring {HASHSIZE_PATH} to {}: {e}", self.old),
+        }
+    }
+}
+
+fn conntrack_hashsize_is(value: &str) -> bool {
+    fs::read_to_string(HASHSIZE_PATH).is_ok_and(|v| v.trim() == value)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -812,6 +1455,24 @@ pub fn musl_gai() -> &'static Path {
         let tmp_s = tmp.to_string_lossy().into_owned();
         let src_s = src.to_string_lossy().into_owned();
         run_ok("musl-gcc", &["-static", "-O2", "-o", &tmp_s, &src_s]);
+        fs::rename(&tmp, &bin).unwrap_or_else(|e| panic!("renaming {}: {e}", tmp.display()));
+        bin
+    })
+}
+
+/// `tests/support/gai.c` built with the system compiler against glibc, once per test process:
+/// the same client on glibc's stub resolver. Its comm is `gai-glibc`.
+pub fn glibc_gai() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/gai.c");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gai-glibc-bin");
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let bin = dir.join("gai-glibc");
+        let tmp = dir.join(format!("gai-glibc.{}.tmp", std::process::id()));
+        let tmp_s = tmp.to_string_lossy().into_owned();
+        let src_s = src.to_string_lossy().into_owned();
+        run_ok("cc", &["-O2", "-o", &tmp_s, &src_s]);
         fs::rename(&tmp, &bin).unwrap_or_else(|e| panic!("renaming {}: {e}", tmp.display()));
         bin
     })
@@ -843,6 +1504,166 @@ pub struct QueryRecord {
     /// Not in the record contract; checked only when the daemon provides it.
     #[serde(default)]
     pub thread_comm: Option<String>,
+    /// Further fields (README: "Further query fields"); tests that rely on one check it.
+    #[serde(default)]
+    pub send_times: Vec<String>,
+    #[serde(default)]
+    pub truncated: bool,
+    #[serde(default)]
+    pub socket_cookie: Option<u64>,
+    #[serde(default)]
+    pub drops: Vec<DropRecord>,
+}
+
+impl QueryRecord {
+    /// `send_times` in ns since the epoch; panics on a time that is not RFC 3339.
+    pub fn send_times_ns(&self) -> Vec<i128> {
+        self.send_times
+            .iter()
+            .map(|t| parse_rfc3339_ns(t).unwrap_or_else(|| panic!("send time `{t}`: {self:?}")))
+            .collect()
+    }
+}
+
+/// A kernel drop, as attached to a query (`drops`) or written on its own (`"event":"drop"`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct DropRecord {
+    pub time: String,
+    /// `query` or `response`.
+    pub packet: String,
+    /// Kernel drop reason (`NETFILTER_DROP`, `NO_SOCKET`, ...).
+    pub reason: String,
+    /// `conntrack_insert_failed`, `netfilter_drop`, or the reason in lower case.
+    pub kind: String,
+    pub detail: Option<String>,
+    pub location: String,
+    pub netns: u32,
+    pub src: String,
+    pub dst: String,
+    pub dns_id: Option<u16>,
+}
+
+const DROP_KEYS: &[&str] = &[
+    "time", "packet", "reason", "kind", "detail", "location", "netns", "src", "dst", "dns_id",
+];
+
+/// One diagnosis of a lookup.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Diagnosis {
+    pub code: String,
+    pub message: String,
+    pub evidence: Value,
+}
+
+/// The resolver configuration a lookup was read with.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResolverJson {
+    pub search: Vec<String>,
+    pub ndots: u32,
+}
+
+/// A `lookup` record: what one resolver call did for one name in one process.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LookupRecord {
+    pub event: String,
+    pub time: String,
+    pub name: String,
+    pub duration_ns: u64,
+    pub queries: usize,
+    pub search_expansions: usize,
+    pub final_rcode: Option<String>,
+    pub answers: Vec<String>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub cgroup_id: u64,
+    pub cgroup_path: Option<String>,
+    pub resolver: Option<ResolverJson>,
+    pub diagnosis: Vec<Diagnosis>,
+}
+
+const LOOKUP_KEYS: &[&str] = &[
+    "event",
+    "time",
+    "name",
+    "duration_ns",
+    "queries",
+    "search_expansions",
+    "final_rcode",
+    "answers",
+    "pid",
+    "comm",
+    "cgroup_id",
+    "cgroup_path",
+    "resolver",
+    "diagnosis",
+];
+
+/// Every diagnosis code the daemon documents.
+pub const DIAGNOSIS_CODES: [&str; 9] = [
+    "search_list_expansion",
+    "servfail_retry",
+    "slow_upstream",
+    "conntrack_insert_failed",
+    "packet_drop",
+    "resend_after_timeout",
+    "late_response",
+    "truncated_tcp_fallback",
+    "no_response",
+];
+
+impl LookupRecord {
+    pub fn codes(&self) -> Vec<&str> {
+        self.diagnosis.iter().map(|d| d.code.as_str()).collect()
+    }
+
+    pub fn has(&self, code: &str) -> bool {
+        self.diagnosis.iter().any(|d| d.code == code)
+    }
+
+    /// The (only) diagnosis with this code; panics if there is none or several.
+    pub fn diagnosis(&self, code: &str) -> &Diagnosis {
+        let found: Vec<&Diagnosis> = self.diagnosis.iter().filter(|d| d.code == code).collect();
+        assert_eq!(found.len(), 1, "want one `{code}` diagnosis: {self:#?}");
+        found[0]
+    }
+
+    /// Every diagnosis with this code.
+    pub fn diagnoses(&self, code: &str) -> Vec<&Diagnosis> {
+        self.diagnosis.iter().filter(|d| d.code == code).collect()
+    }
+}
+
+/// A `late_response` event: a response that came after its query and its lookup had ended.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LateEvent {
+    pub event: String,
+    pub time: String,
+    pub qname: String,
+    pub qtype: String,
+    pub id: u16,
+    pub why: String,
+    pub after_first_send_ns: u64,
+    pub pid: Option<u32>,
+    pub cgroup_id: u64,
+}
+
+const LATE_KEYS: &[&str] = &[
+    "event",
+    "time",
+    "qname",
+    "qtype",
+    "id",
+    "why",
+    "after_first_send_ns",
+    "pid",
+    "cgroup_id",
+];
+
+fn check_keys(value: &Value, keys: &[&str], line: &str) {
+    let object = value.as_object().expect("a record is a JSON object");
+    for key in keys {
+        assert!(object.contains_key(*key), "record lacks `{key}`: {line}");
+    }
 }
 
 /// Keys every query record must have, `null` or not: serde alone would accept a missing
@@ -891,6 +1712,11 @@ pub struct Stopped {
 
 impl Daemon {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`Daemon::start`] with more `dnsprobe run` flags (`--lookup-idle 3s`, say).
+    pub fn start_with(extra_args: &[&str]) -> Self {
         let n = NEXT_WORLD.fetch_add(1, Ordering::Relaxed);
         let dir = TempDir::new(&format!("{}-{n}-daemon", std::process::id()));
         let output = dir.path().join("records.jsonl");
@@ -899,6 +1725,7 @@ impl Daemon {
         cmd.args(["run", "--format", "json", "--output"])
             .arg(&output)
             .args(["--query-timeout", &timeout])
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -1013,6 +1840,112 @@ impl Daemon {
         out
     }
 
+    /// Every complete line the daemon wrote so far, parsed (any `event`, any cgroup).
+    pub fn lines(&self) -> Vec<(Value, String)> {
+        let text = match fs::read_to_string(&self.output) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => panic!("reading {}: {e}", self.output.display()),
+        };
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| {
+                let value: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                    panic!("daemon wrote a line that is not JSON ({e}): {line}")
+                });
+                (value, line.to_owned())
+            })
+            .collect()
+    }
+
+    /// The `lookup` records of `cgroup_path`; panics on one that breaks the record contract.
+    pub fn lookups(&self, cgroup_path: &str) -> Vec<LookupRecord> {
+        self.lines()
+            .into_iter()
+            .filter(|(v, _)| {
+                v.get("event").and_then(Value::as_str) == Some("lookup")
+                    && v.get("cgroup_path").and_then(Value::as_str) == Some(cgroup_path)
+            })
+            .map(|(v, line)| {
+                check_keys(&v, LOOKUP_KEYS, &line);
+                for d in v["diagnosis"].as_array().into_iter().flatten() {
+                    check_keys(d, &["code", "message", "evidence"], &line);
+                }
+                serde_json::from_value(v)
+                    .unwrap_or_else(|e| panic!("lookup breaks the contract ({e}): {line}"))
+            })
+            .collect()
+    }
+
+    /// The `drop` events (drops that matched no query) whose source or destination address is
+    /// one of `ips`: drops carry no cgroup, so a test picks its own by its unique addresses.
+    pub fn drop_events(&self, ips: &[IpAddr]) -> Vec<DropRecord> {
+        self.lines()
+            .into_iter()
+            .filter(|(v, _)| v.get("event").and_then(Value::as_str) == Some("drop"))
+            .map(|(v, line)| {
+                check_keys(&v, DROP_KEYS, &line);
+                let d: DropRecord = serde_json::from_value(v)
+                    .unwrap_or_else(|e| panic!("drop breaks the contract ({e}): {line}"));
+                d
+            })
+            .filter(|d| {
+                [&d.src, &d.dst]
+                    .iter()
+                    .any(|a| a.parse::<SocketAddr>().is_ok_and(|a| ips.contains(&a.ip())))
+            })
+            .collect()
+    }
+
+    /// The `late_response` events of the cgroup with id `cgroup_id`.
+    pub fn late_events(&self, cgroup_id: u64) -> Vec<LateEvent> {
+        self.lines()
+            .into_iter()
+            .filter(|(v, _)| {
+                v.get("event").and_then(Value::as_str) == Some("late_response")
+                    && v.get("cgroup_id").and_then(Value::as_u64) == Some(cgroup_id)
+            })
+            .map(|(v, line)| {
+                check_keys(&v, LATE_KEYS, &line);
+                serde_json::from_value(v)
+                    .unwrap_or_else(|e| panic!("late_response breaks the contract ({e}): {line}"))
+            })
+            .collect()
+    }
+
+    /// Polls until `check` returns something; panics after `timeout` with the daemon's last
+    /// lines of output and its stderr.
+    pub fn wait_until<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Self) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = check(self) {
+                return found;
+            }
+            if Instant::now() >= deadline {
+                let lines = self.lines();
+                let tail: Vec<&str> = lines
+                    .iter()
+                    .skip(lines.len().saturating_sub(80))
+                    .map(|(_, l)| l.as_str())
+                    .collect();
+                panic!(
+                    "waited {timeout:?} for {what}; the daemon's last lines:\n{}\n\
+                     daemon stderr:\n{}",
+                    tail.join("\n"),
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+
     /// Polls the records of `cgroup_path` until `done` holds for them; panics after `timeout`
     /// with what was seen and the daemon's stderr.
     pub fn wait_for(
@@ -1097,6 +2030,10 @@ pub enum Script {
     AnswerSecondCopy { addrs: Vec<IpAddr> },
     /// Never answer.
     Ignore,
+    /// Answer SERVFAIL, `delay` after the kernel received the query.
+    Servfail { delay: Duration },
+    /// One behaviour for A queries and another for AAAA (other types: NXDOMAIN at once).
+    ByType { a: Box<Script>, aaaa: Box<Script> },
 }
 
 /// One query packet the scripted server received.
@@ -1128,14 +2065,25 @@ type Scripts = Arc<HashMap<String, Script>>;
 
 impl ScriptedServer {
     pub fn start(world: &World, scripts: Vec<(&str, Script)>) -> Self {
+        let addrs = [IpAddr::V4(world.server_v4), IpAddr::V6(world.server_v6)];
+        Self::start_on(&world.server_ns, &addrs, scripts)
+    }
+
+    /// The upstream of a [`Resolver::ClusterDns`] world, on [`UPSTREAM_V4`] in its server
+    /// netns.
+    pub fn start_upstream(world: &World, scripts: Vec<(&str, Script)>) -> Self {
+        Self::start_on(&world.server_ns, &[IpAddr::V4(UPSTREAM_V4)], scripts)
+    }
+
+    /// A scripted server on port 53 of `addrs` in `netns`.
+    pub fn start_on(netns: &str, addrs: &[IpAddr], scripts: Vec<(&str, Script)>) -> Self {
         let scripts: Scripts = Arc::new(
             scripts
                 .into_iter()
                 .map(|(name, s)| (normalize_name(name), s))
                 .collect(),
         );
-        let addrs = [IpAddr::V4(world.server_v4), IpAddr::V6(world.server_v6)];
-        let sockets = sockets_in_netns(&world.server_ns, &addrs);
+        let sockets = sockets_in_netns(netns, addrs);
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
         let threads = sockets
@@ -1321,14 +2269,25 @@ fn serve(socket: &UdpSocket, scripts: &Scripts, stop: &AtomicBool, log: &Arc<Mut
             });
             log.len() - 1
         };
-        let (addrs, delay, rcode) = match scripts.get(&qname) {
-            None => (Vec::new(), Duration::ZERO, ResponseCode::NXDomain),
+        let mut script = scripts.get(&qname);
+        if let Some(Script::ByType { a, aaaa }) = script {
+            script = match question.query_type() {
+                RecordType::A => Some(&**a),
+                RecordType::AAAA => Some(&**aaaa),
+                _ => None,
+            };
+        }
+        let (addrs, delay, rcode) = match script {
+            None | Some(Script::ByType { .. }) => {
+                (Vec::new(), Duration::ZERO, ResponseCode::NXDomain)
+            }
             Some(Script::Ignore) => continue,
             Some(Script::AnswerSecondCopy { .. }) if copy < 2 => continue,
             Some(Script::AnswerSecondCopy { addrs }) => {
                 (addrs.clone(), Duration::ZERO, ResponseCode::NoError)
             }
             Some(Script::Answer { addrs, delay }) => (addrs.clone(), *delay, ResponseCode::NoError),
+            Some(Script::Servfail { delay }) => (Vec::new(), *delay, ResponseCode::ServFail),
         };
         let response = build_response(&query, &addrs, rcode);
         let target_ns = rx_ns + delay.as_nanos() as i128;

@@ -1,0 +1,280 @@
+//! Attribution end to end: fake pods made of real cgroups laid out the way real nodes lay them
+//! out (containerd, CRI-O and Docker; systemd and cgroupfs drivers), a kubelet pod-log-directory
+//! fixture, and a real client in each: its records must name the right pod and container.
+//!
+//! Every layout lives under a prefix cgroup unique to the test (the daemon finds the kubepods
+//! part anywhere in a path, as on nodes that run inside a container), so parallel tests and the
+//! machine's own cgroups are never touched.
+
+mod support;
+
+use std::{fs, os::unix::fs::symlink, path::Path, time::Duration};
+
+use serde_json::Value;
+use support::{
+    cgroup2_root, run_client_in, skip_unless_root, Cgroup, Daemon, TempDir, World, WorldConfig,
+    RECORD_TIMEOUT, WWW,
+};
+
+/// One fake pod: where its container's cgroup is, and what the records must say about it.
+struct FakePod {
+    /// Path below the test's prefix cgroup, `/`-separated.
+    layout: String,
+    namespace: &'static str,
+    pod: String,
+    uid: String,
+    container: &'static str,
+    container_id: String,
+    runtime: &'static str,
+    qos: &'static str,
+}
+
+/// A unique pod UID and a 64-hex container id for pod `n` of this process.
+fn ids(n: u32) -> (String, String) {
+    let pid = std::process::id();
+    let uid = format!(
+        "{pid:08x}-{n:04x}-4000-8000-{:012x}",
+        u64::from(pid) * 31 + u64::from(n)
+    );
+    let id = format!(
+        "{:016x}{:016x}{:016x}{:016x}",
+        pid,
+        n,
+        pid ^ 0xdead_beef,
+        n + 7
+    );
+    (uid, id)
+}
+
+fn fake_pods() -> Vec<FakePod> {
+    let mut pods = Vec::new();
+    let mut add = |n: u32,
+                   layout: &dyn Fn(&str, &str) -> String,
+                   namespace: &'static str,
+                   container: &'static str,
+                   runtime: &'static str,
+                   qos: &'static str| {
+        let (uid, id) = ids(n);
+        pods.push(FakePod {
+            layout: layout(&uid, &id),
+            namespace,
+            pod: format!("web-{n}"),
+            uid,
+            container,
+            container_id: id,
+            runtime,
+            qos,
+        });
+    };
+    // systemd driver: the pod UID is written with `_` instead of `-`.
+    add(
+        0,
+        &|uid, id| {
+            let u = uid.replace('-', "_");
+            format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{id}.scope"
+            )
+        },
+        "shop",
+        "app",
+        "containerd",
+        "burstable",
+    );
+    add(
+        1,
+        &|uid, id| {
+            let u = uid.replace('-', "_");
+            format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/crio-{id}.scope"
+            )
+        },
+        "batch",
+        "worker",
+        "cri-o",
+        "besteffort",
+    );
+    add(
+        2,
+        &|uid, id| {
+            let u = uid.replace('-', "_");
+            format!("kubepods.slice/kubepods-pod{u}.slice/docker-{id}.scope")
+        },
+        "db",
+        "postgres",
+        "docker",
+        "guaranteed",
+    );
+    // cgroupfs driver: the UID keeps its dashes, the container directory is the bare id.
+    add(
+        3,
+        &|uid, id| format!("kubepods/burstable/pod{uid}/{id}"),
+        "shop",
+        "sidecar",
+        // The cgroupfs layout does not say which runtime made the container.
+        "unknown",
+        "burstable",
+    );
+    add(
+        4,
+        &|uid, id| format!("kubepods/pod{uid}/{id}"),
+        "kube-system",
+        "coredns",
+        "unknown",
+        "guaranteed",
+    );
+    pods
+}
+
+/// Writes the kubelet's log layout for the fake pods: `pods/<ns>_<pod>_<uid>/<container>/0.log`
+/// and `containers/<pod>_<ns>_<container>-<id>.log` linking to it.
+fn log_fixture(dir: &Path, pods: &[FakePod]) {
+    for p in pods {
+        let container_dir = dir
+            .join("pods")
+            .join(format!("{}_{}_{}", p.namespace, p.pod, p.uid))
+            .join(p.container);
+        fs::create_dir_all(&container_dir).expect("pod log dir");
+        let log = container_dir.join("0.log");
+        fs::write(&log, "").expect("pod log file");
+        fs::create_dir_all(dir.join("containers")).expect("container log dir");
+        symlink(
+            &log,
+            dir.join("containers").join(format!(
+                "{}_{}_{}-{}.log",
+                p.pod, p.namespace, p.container, p.container_id
+            )),
+        )
+        .expect("container log link");
+    }
+}
+
+/// Every cgroup the test created, removed newest first (a cgroup goes only once it has no
+/// children), also when the test fails.
+struct CreatedCgroups(Vec<Cgroup>);
+
+impl CreatedCgroups {
+    /// Creates every missing cgroup on the way to `rel` (relative to the cgroup v2 root) and
+    /// returns the deepest.
+    fn make(&mut self, rel: &str) -> &Cgroup {
+        let mut path = String::new();
+        for part in rel.trim_start_matches('/').split('/') {
+            path = format!("{path}/{part}");
+            let dir = cgroup2_root().join(path.trim_start_matches('/'));
+            if !dir.exists() {
+                fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+                self.0.push(Cgroup {
+                    dir,
+                    path: path.clone(),
+                });
+            }
+        }
+        let leaf = self.0.last().expect("a new leaf cgroup");
+        assert_eq!(leaf.path, path, "the leaf cgroup already existed");
+        leaf
+    }
+}
+
+impl Drop for CreatedCgroups {
+    fn drop(&mut self) {
+        while let Some(cgroup) = self.0.pop() {
+            drop(cgroup);
+        }
+    }
+}
+
+fn record_line(daemon: &Daemon, cgroup_path: &str) -> Option<Value> {
+    daemon.lines().into_iter().map(|(v, _)| v).find(|v| {
+        v["event"] == "query"
+            && v["cgroup_path"] == cgroup_path
+            && v["qname"] == WWW
+            && v["outcome"] == "answered"
+    })
+}
+
+fn wait_for_record(daemon: &Daemon, cgroup_path: &str) -> Value {
+    let deadline = std::time::Instant::now() + RECORD_TIMEOUT;
+    loop {
+        if let Some(r) = record_line(daemon, cgroup_path) {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record for {cgroup_path}; daemon stderr:\n{}",
+            daemon.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+#[test]
+fn queries_from_fake_pods_carry_namespace_pod_container_and_uid() {
+    if skip_unless_root("queries_from_fake_pods_carry_namespace_pod_container_and_uid") {
+        return;
+    }
+    let world = World::new(WorldConfig::default());
+    let logs = TempDir::new(&format!("{}-podlogs", std::process::id()));
+    let pods = fake_pods();
+    log_fixture(logs.path(), &pods);
+    let pods_dir = logs.path().join("pods");
+    let containers_dir = logs.path().join("containers");
+    let daemon = Daemon::start_with(&[
+        "--pod-log-dir",
+        pods_dir.to_str().expect("utf-8 path"),
+        "--container-log-dir",
+        containers_dir.to_str().expect("utf-8 path"),
+    ]);
+
+    let mut cgroups = CreatedCgroups(Vec::new());
+    let prefix = format!("dp-pods-{}", std::process::id());
+    let server = world.server_v4.to_string();
+    for p in &pods {
+        let leaf = cgroups.make(&format!("{prefix}/{}", p.layout));
+        let run = run_client_in(
+            leaf,
+            &world.client_ns,
+            &[
+                "dig",
+                &format!("@{server}"),
+                WWW,
+                "A",
+                "+tries=1",
+                "+time=2",
+            ],
+        );
+        run.assert_success();
+        let record = wait_for_record(&daemon, &leaf.path);
+        let what = format!("record of {}: {record}", p.layout);
+        assert_eq!(record["pid"], run.pid, "{what}");
+        assert_eq!(record["pod"]["namespace"], p.namespace, "{what}");
+        assert_eq!(record["pod"]["name"], p.pod.as_str(), "{what}");
+        assert_eq!(record["pod"]["uid"], p.uid.as_str(), "{what}");
+        assert_eq!(record["pod"]["qos"], p.qos, "{what}");
+        assert_eq!(record["container"]["id"], p.container_id.as_str(), "{what}");
+        assert_eq!(record["container"]["name"], p.container, "{what}");
+        assert_eq!(record["container"]["runtime"], p.runtime, "{what}");
+        assert!(record.get("host_unit").is_none(), "{what}");
+    }
+
+    // A host service, for contrast: no pod, its unit named. Host units sit under a top-level
+    // systemd slice; the test makes its own slice rather than touch system.slice.
+    let unit = format!("dp-host-{}.service", std::process::id());
+    let leaf = cgroups.make(&format!("dp-host-{}.slice/{unit}", std::process::id()));
+    let run = run_client_in(
+        leaf,
+        &world.client_ns,
+        &[
+            "dig",
+            &format!("@{server}"),
+            WWW,
+            "A",
+            "+tries=1",
+            "+time=2",
+        ],
+    );
+    run.assert_success();
+    let record = wait_for_record(&daemon, &leaf.path);
+    assert_eq!(record["host_unit"], unit.as_str(), "{record}");
+    assert!(record.get("pod").is_none(), "{record}");
+    drop(cgroups);
+    daemon.stop();
+}
