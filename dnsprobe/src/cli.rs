@@ -20,6 +20,9 @@ pub struct Cli {
 pub enum Command {
     /// Capture DNS traffic and print one record per finished query.
     Run(Box<RunArgs>),
+    /// Live view of the slowest and most failing pods and names (q, Esc or Ctrl-C quits);
+    /// records go to --output only when it is given.
+    Top(Box<RunArgs>),
     /// Report which kernel hooks load and attach here; exits non-zero if capture cannot work.
     Check(CheckArgs),
 }
@@ -111,6 +114,19 @@ pub struct RunArgs {
         value_enum
     )]
     pub outcomes: Vec<OutcomeArg>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics; a port alone (9153) listens on
+    /// loopback only.
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_metrics_addr)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Pods with metric series of their own; later ones share pod="_other".
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub metrics_max_pods: u32,
+
+    /// Give the N busiest query names of each minute a qname label (0: no qname label).
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub metrics_top_names: u32,
 
     /// Interval between periodic statistics lines on stderr (0 disables them).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration_or_zero)]

@@ -12,8 +12,10 @@ mod drops;
 mod export;
 mod filter;
 mod lookup;
+mod metrics;
 mod pipeline;
 mod pods;
+mod top;
 
 use std::{
     fs::File,
@@ -52,8 +54,16 @@ const CONNTRACK_BASELINE_EVERY: Duration = Duration::from_secs(10);
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The live view owns the terminal: log lines would write over it.
+    let log_to_terminal = !matches!(cli.command, Command::Top(_));
     tracing_subscriber::fmt()
-        .with_writer(io::stderr)
+        .with_writer(move || -> Box<dyn Write> {
+            if log_to_terminal {
+                Box::new(io::stderr())
+            } else {
+                Box::new(io::sink())
+            }
+        })
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DNSPROBE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -70,7 +80,8 @@ fn main() -> std::process::ExitCode {
             }
             return std::process::ExitCode::FAILURE;
         }
-        Command::Run(args) => run_blocking(*args),
+        Command::Run(args) => run_blocking(*args, false),
+        Command::Top(args) => run_blocking(*args, true),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -81,7 +92,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run_blocking(args: RunArgs) -> anyhow::Result<()> {
+fn run_blocking(args: RunArgs, top: bool) -> anyhow::Result<()> {
     if let Err(msg) = args.common.validate() {
         bail!("{msg}");
     }
@@ -89,7 +100,7 @@ fn run_blocking(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(args))
+    runtime.block_on(run(args, top))
 }
 
 fn open_output(path: Option<&PathBuf>) -> anyhow::Result<(Box<dyn Write>, bool)> {
@@ -106,7 +117,10 @@ fn open_output(path: Option<&PathBuf>) -> anyhow::Result<(Box<dyn Write>, bool)>
     })
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
+    if top {
+        top::require_terminal().context("dnsprobe top")?;
+    }
     let missing = capture::missing_capabilities();
     if !missing.is_empty() {
         bail!(
@@ -119,7 +133,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => attribute::find_cgroup2_root().context("finding the cgroup v2 root")?,
     };
     attribute::check_cgroup2_dir(&cgroup_root).context("--cgroup-root")?;
-    let (out, terminal) = open_output(args.output.as_ref())?;
+    let (out, terminal) = match (top, args.output.as_ref()) {
+        // The live view owns standard output.
+        (true, None) => (Box::new(io::sink()) as Box<dyn Write>, false),
+        (_, path) => open_output(path)?,
+    };
+    // Bound before anything is attached, so that a taken port fails at start-up.
+    let metrics_server = match args.metrics_addr {
+        Some(addr) => Some(
+            metrics::MetricsServer::bind(addr)
+                .await
+                .context("--metrics-addr")?,
+        ),
+        None => None,
+    };
     let format = match args.format {
         Some(Format::Json) => RecordFormat::Json,
         Some(Format::Text) => RecordFormat::Text,
@@ -214,6 +241,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     pipeline.drops.conntrack.refresh_if_due();
 
+    let mut metrics_handle = None;
+    let mut metrics_stop = None;
+    if let Some(server) = metrics_server {
+        let sink = metrics::Metrics::new(&metrics::MetricsConfig {
+            max_pods: args.metrics_max_pods as usize,
+            top_names: args.metrics_top_names as usize,
+            ..Default::default()
+        });
+        let handle = sink.handle();
+        pipeline.sinks.push(Box::new(sink));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        info!("serving metrics on http://{}/metrics", server.local_addr()?);
+        tokio::spawn(server.run(handle.clone(), async {
+            let _ = stopped.await;
+        }));
+        metrics_handle = Some(handle);
+        metrics_stop = Some(stop);
+    }
+    let top_state = top.then(|| {
+        std::sync::Arc::new(std::sync::Mutex::new(top::TopState::new(
+            &top::TopConfig::default(),
+        )))
+    });
+    if let Some(state) = &top_state {
+        pipeline.sinks.push(Box::new(top::TopSink(state.clone())));
+    }
+
     info!(
         "capture started: ports {:?}, query timeout {:?}, cgroup root {}",
         args.common.ports,
@@ -226,11 +280,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let stats_every = args.stats_interval;
     let mut last_stats = tokio::time::Instant::now();
     let mut last_lost = 0u64;
+    let mut last_internal = tokio::time::Instant::now();
+    let ui = match &top_state {
+        Some(state) => Some(top::TopUi::start(state.clone()).context("dnsprobe top")?),
+        None => None,
+    };
 
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+            _ = top::ended(ui.as_ref()) => { info!("live view closed: stopping"); break; }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 let rb = guard.get_inner_mut();
@@ -275,6 +335,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 pipeline.expire();
                 pipeline.drops.conntrack.refresh_if_due();
                 pipeline.flush();
+                if (metrics_handle.is_some() || top_state.is_some())
+                    && last_internal.elapsed() >= Duration::from_secs(1)
+                {
+                    last_internal = tokio::time::Instant::now();
+                    let internal = metrics::InternalStats::collect(&pipeline, &kernel_stats());
+                    if let Some(handle) = &metrics_handle {
+                        handle.set_internal(internal);
+                    }
+                    if let Some(state) = &top_state {
+                        state
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .set_internal(internal);
+                    }
+                }
                 if !stats_every.is_zero() && last_stats.elapsed() >= stats_every {
                     last_stats = tokio::time::Instant::now();
                     let kernel = kernel_stats();
@@ -291,6 +366,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
+    // Give the terminal back first, so that the summary is readable.
+    if let Some(ui) = ui {
+        if let Err(err) = ui.stop().await {
+            warn!("live view: {err}");
+        }
+    }
     // Detach first, then account for what was still in flight.
     let kernel = kernel_stats();
     drop(ebpf);
@@ -307,7 +388,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     pipeline.close_all_lookups();
     pipeline.flush();
-    info!("summary: {}", pipeline.summary(kernel));
+    if let Some(handle) = &metrics_handle {
+        handle.set_internal(metrics::InternalStats::collect(&pipeline, &kernel));
+    }
+    if let Some(stop) = metrics_stop {
+        let _ = stop.send(());
+    }
+    let summary = pipeline.summary(kernel);
+    if top {
+        // The live view silenced the log; the summary still belongs on stderr.
+        eprintln!("summary: {summary}");
+    } else {
+        info!("summary: {summary}");
+    }
     Ok(())
 }
 
