@@ -292,31 +292,13 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = top::ended(ui.as_ref()) => { info!("live view closed: stopping"); break; }
             guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the ring buffer")?;
-                let rb = guard.get_inner_mut();
-                let mut handled = 0;
-                while handled < DRAIN_BATCH {
-                    let Some(item) = rb.next() else { break };
-                    pipeline.handle_record(&item);
-                    handled += 1;
-                }
-                if handled < DRAIN_BATCH {
-                    guard.clear_ready();
-                }
+                let guard = guard.context("waiting on the ring buffer")?;
+                drain_batch(guard, |item| pipeline.handle_record(item));
                 pipeline.flush();
             }
             guard = readable(&mut drop_ring) => {
-                let mut guard = guard.context("waiting on the drop ring buffer")?;
-                let rb = guard.get_inner_mut();
-                let mut handled = 0;
-                while handled < DRAIN_BATCH {
-                    let Some(item) = rb.next() else { break };
-                    pipeline.handle_drop_record(&item);
-                    handled += 1;
-                }
-                if handled < DRAIN_BATCH {
-                    guard.clear_ready();
-                }
+                let guard = guard.context("waiting on the drop ring buffer")?;
+                drain_batch(guard, |item| pipeline.handle_drop_record(item));
                 pipeline.flush();
             }
             _ = tick.tick() => {
@@ -402,6 +384,24 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
         info!("summary: {summary}");
     }
     Ok(())
+}
+
+/// Hands at most `DRAIN_BATCH` ring-buffer records to `handle`; the ring stays marked ready
+/// when more are left, so timers get a turn without anything being left behind.
+fn drain_batch(
+    mut guard: tokio::io::unix::AsyncFdReadyMutGuard<'_, aya::maps::RingBuf<aya::maps::MapData>>,
+    mut handle: impl FnMut(&[u8]),
+) {
+    let rb = guard.get_inner_mut();
+    let mut handled = 0;
+    while handled < DRAIN_BATCH {
+        let Some(item) = rb.next() else { break };
+        handle(&item);
+        handled += 1;
+    }
+    if handled < DRAIN_BATCH {
+        guard.clear_ready();
+    }
 }
 
 /// Waits until the drop ring has data; never, when drops are not captured.
