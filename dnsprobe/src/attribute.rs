@@ -337,6 +337,9 @@ mod process_tests {
 /// attribution seen while it lived.
 pub struct Attributor {
     pods: crate::pods::PodDirectory,
+    /// With `--kube-api`: asked first, the log directories being the fallback (the API may be
+    /// unreachable, or not have caught up with a pod yet).
+    kube: Option<crate::kubeapi::PodIndexHandle>,
     by_cgroup: HashMap<u64, (std::sync::Arc<Workload>, Instant)>,
     reported_error: Option<String>,
 }
@@ -351,9 +354,16 @@ impl Attributor {
     pub fn new(pods: crate::pods::PodDirectory) -> Self {
         Self {
             pods,
+            kube: None,
             by_cgroup: HashMap::new(),
             reported_error: None,
         }
+    }
+
+    /// Names pods from the API index first (see [`crate::kubeapi`]), when there is one.
+    pub fn with_kube_index(mut self, index: Option<crate::kubeapi::PodIndexHandle>) -> Self {
+        self.kube = index;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -415,10 +425,15 @@ impl Attributor {
         use crate::pods::{self, Workload as Layout};
         match pods::parse_cgroup_path(path) {
             Layout::Pod(pod) => {
-                let meta = self.pods.lookup_pod(&pod.uid);
+                let kube = self.kube.as_ref();
+                let meta = kube
+                    .and_then(|k| k.lookup_pod(&pod.uid))
+                    .or_else(|| self.pods.lookup_pod(&pod.uid));
                 let container = pod.container.as_ref().map(|c| ContainerIdentity {
                     id: c.id.clone(),
-                    name: self.pods.container_name(&c.id),
+                    name: kube
+                        .and_then(|k| k.container_name(&c.id))
+                        .or_else(|| self.pods.container_name(&c.id)),
                     runtime: Some(c.runtime.as_str().to_owned()),
                 });
                 Workload {

@@ -78,6 +78,21 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", default_value = crate::pods::DEFAULT_CONTAINERS_DIR)]
     pub container_log_dir: PathBuf,
 
+    /// Name pods and containers from the Kubernetes API as well (first; the log directories
+    /// remain the fallback): list and watch the pods of --node-name. In a pod it uses the
+    /// service account (token, CA, KUBERNETES_SERVICE_HOST/PORT); KUBECONFIG or --kubeconfig
+    /// override that.
+    #[arg(long)]
+    pub kube_api: bool,
+
+    /// A kubeconfig file for --kube-api (instead of KUBECONFIG or the in-cluster configuration).
+    #[arg(long, value_name = "PATH", requires = "kube_api")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// This node's name, for --kube-api (only its pods are watched); default: $NODE_NAME.
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+
     /// A lookup (one name asked by one process) ends after this long without new queries.
     #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
     pub lookup_idle: Duration,
@@ -151,6 +166,32 @@ impl OutcomeArg {
 }
 
 impl RunArgs {
+    /// What `--kube-api` needs, or None without it; the node name comes from `--node-name`,
+    /// else from the NODE_NAME environment variable (the manifest sets it from the downward API).
+    pub fn kube_api_config(&self) -> Result<Option<crate::kubeapi::KubeApiConfig>, String> {
+        self.kube_api_config_with(std::env::var("NODE_NAME").ok())
+    }
+
+    fn kube_api_config_with(
+        &self,
+        env_node_name: Option<String>,
+    ) -> Result<Option<crate::kubeapi::KubeApiConfig>, String> {
+        if !self.kube_api {
+            return Ok(None);
+        }
+        let node_name = self
+            .node_name
+            .clone()
+            .or(env_node_name)
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .ok_or("--kube-api needs --node-name NAME (or the NODE_NAME environment variable): only this node's pods are watched")?;
+        Ok(Some(crate::kubeapi::KubeApiConfig {
+            kubeconfig: self.kubeconfig.clone(),
+            node_name,
+        }))
+    }
+
     pub fn record_filter(&self) -> crate::filter::RecordFilter {
         crate::filter::RecordFilter {
             namespaces: self.namespaces.clone(),
@@ -332,6 +373,54 @@ mod tests {
         assert_eq!(f.outcomes, vec!["unanswered"]);
         assert_eq!(f.min_latency, Some(Duration::from_millis(100)));
         assert!(f.names[0].matches("www.example.com."));
+    }
+
+    #[test]
+    fn kube_api_flags() {
+        let parse = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Command::Run(args) = cli.command else {
+                panic!("parsed as another command")
+            };
+            args
+        };
+        let args = parse(&["dnsprobe", "run"]);
+        assert_eq!(args.kube_api_config_with(Some("n1".into())), Ok(None));
+
+        let args = parse(&["dnsprobe", "run", "--kube-api"]);
+        let err = args.kube_api_config_with(None).unwrap_err();
+        assert!(err.contains("--node-name"), "{err}");
+        assert!(args.kube_api_config_with(Some(" ".into())).is_err());
+        let config = args
+            .kube_api_config_with(Some("n1".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(config.node_name, "n1");
+        assert_eq!(config.kubeconfig, None);
+
+        // The flag wins over the environment.
+        let args = parse(&[
+            "dnsprobe",
+            "run",
+            "--kube-api",
+            "--node-name",
+            "n2",
+            "--kubeconfig",
+            "/k",
+        ]);
+        let config = args
+            .kube_api_config_with(Some("n1".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(config.node_name, "n2");
+        assert_eq!(config.kubeconfig, Some(PathBuf::from("/k")));
+
+        // --kubeconfig means nothing without --kube-api.
+        let err = Cli::try_parse_from(["dnsprobe", "run", "--kubeconfig", "/k"]).unwrap_err();
+        assert!(err.to_string().contains("--kube-api"), "{err}");
+        // `top` shares the flags.
+        let cli = Cli::try_parse_from(["dnsprobe", "top", "--kube-api", "--node-name", "n"]);
+        assert!(cli.is_ok());
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod decode;
 mod drops;
 mod export;
 mod filter;
+mod kubeapi;
 mod lookup;
 mod metrics;
 mod pipeline;
@@ -157,6 +158,12 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
+    // Before anything is attached: a client that cannot be built is a start-up error.
+    let kube_index = match args.kube_api_config().map_err(anyhow::Error::msg)? {
+        Some(config) => Some(kubeapi::start(config).await?),
+        None => None,
+    };
+
     capture::raise_memlock_limit();
     let capture = Capture::start(&CaptureConfig {
         cgroup_root: &cgroup_root,
@@ -206,7 +213,8 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
         attributor: Attributor::new(pods::PodDirectory::new(
             args.pod_log_dir.clone(),
             args.container_log_dir.clone(),
-        )),
+        ))
+        .with_kube_index(kube_index),
         sinks: vec![Box::new(FilteredSink {
             filter: args.record_filter(),
             inner: RecordWriter::new(out, format, WallClock::now()),

@@ -50,6 +50,7 @@ const ARGS: &[&str] = &[
     "/host/var/log/pods",
     "--container-log-dir",
     "/host/var/log/containers",
+    "--kube-api",
 ];
 
 fn deploy(file: &str) -> PathBuf {
