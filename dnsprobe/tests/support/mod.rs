@@ -1688,6 +1688,37 @@ const RECORD_KEYS: &[&str] = &[
     "cgroup_path",
 ];
 
+/// Every query record of `cgroup_path` in the JSON lines file `output` (complete lines only:
+/// the daemon may be in the middle of one); none while the file does not exist. Panics on a
+/// record of that cgroup that breaks the record contract.
+pub fn query_records(output: &Path, cgroup_path: &str) -> Vec<QueryRecord> {
+    let text = match fs::read_to_string(output) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => panic!("reading {}: {e}", output.display()),
+    };
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    let mut out = Vec::new();
+    for line in complete.lines().filter(|l| !l.trim().is_empty()) {
+        let value: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("daemon wrote a line that is not JSON ({e}): {line}"));
+        // Other events (e.g. packet drops) and other cgroups' queries are not ours.
+        if value.get("event").and_then(Value::as_str) != Some("query")
+            || value.get("cgroup_path").and_then(Value::as_str) != Some(cgroup_path)
+        {
+            continue;
+        }
+        let object = value.as_object().expect("a record is a JSON object");
+        for key in RECORD_KEYS {
+            assert!(object.contains_key(*key), "record lacks `{key}`: {line}");
+        }
+        let record: QueryRecord = serde_json::from_value(value)
+            .unwrap_or_else(|e| panic!("record breaks the contract ({e}): {line}"));
+        out.push(record);
+    }
+    out
+}
+
 struct StderrLog {
     text: String,
     closed: bool,
@@ -1717,6 +1748,13 @@ impl Daemon {
 
     /// [`Daemon::start`] with more `dnsprobe run` flags (`--lookup-idle 3s`, say).
     pub fn start_with(extra_args: &[&str]) -> Self {
+        Self::try_start_with(extra_args).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// [`Daemon::start_with`], but a daemon that exits (or does not start capturing in time)
+    /// is an `Err` with its stderr instead of a panic, for a test that may retry (a port it
+    /// picked was taken meanwhile, say).
+    pub fn try_start_with(extra_args: &[&str]) -> Result<Self, String> {
         let n = NEXT_WORLD.fetch_add(1, Ordering::Relaxed);
         let dir = TempDir::new(&format!("{}-{n}-daemon", std::process::id()));
         let output = dir.path().join("records.jsonl");
@@ -1768,17 +1806,18 @@ impl Daemon {
             reader: Some(reader),
             _dir: dir,
         };
-        daemon.wait_started();
-        daemon
+        // On an error the daemon is dropped here, which stops it if it still runs.
+        daemon.wait_started()?;
+        Ok(daemon)
     }
 
-    fn wait_started(&mut self) {
+    fn wait_started(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + DAEMON_START_TIMEOUT;
         let (lock, cvar) = &*self.log;
         let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if state.text.contains("capture started") {
-                return;
+                return Ok(());
             }
             let now = Instant::now();
             if state.closed || now >= deadline {
@@ -1788,10 +1827,10 @@ impl Daemon {
                     .child
                     .as_mut()
                     .and_then(|c| c.try_wait().ok().flatten());
-                panic!(
+                return Err(format!(
                     "dnsprobe did not log `capture started` within {DAEMON_START_TIMEOUT:?} \
                      (exit status: {status:?}); stderr:\n{text}"
-                );
+                ));
             }
             state = cvar
                 .wait_timeout(state, deadline - now)
@@ -1813,31 +1852,7 @@ impl Daemon {
     /// may be in the middle of one). Panics on a record of that cgroup that breaks the
     /// record contract.
     pub fn records(&self, cgroup_path: &str) -> Vec<QueryRecord> {
-        let text = match fs::read_to_string(&self.output) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-            Err(e) => panic!("reading {}: {e}", self.output.display()),
-        };
-        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-        let mut out = Vec::new();
-        for line in complete.lines().filter(|l| !l.trim().is_empty()) {
-            let value: Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("daemon wrote a line that is not JSON ({e}): {line}"));
-            // Other events (e.g. packet drops) and other cgroups' queries are not ours.
-            if value.get("event").and_then(Value::as_str) != Some("query")
-                || value.get("cgroup_path").and_then(Value::as_str) != Some(cgroup_path)
-            {
-                continue;
-            }
-            let object = value.as_object().expect("a record is a JSON object");
-            for key in RECORD_KEYS {
-                assert!(object.contains_key(*key), "record lacks `{key}`: {line}");
-            }
-            let record: QueryRecord = serde_json::from_value(value)
-                .unwrap_or_else(|e| panic!("record breaks the contract ({e}): {line}"));
-            out.push(record);
-        }
-        out
+        query_records(&self.output, cgroup_path)
     }
 
     /// Every complete line the daemon wrote so far, parsed (any `event`, any cgroup).
@@ -2366,4 +2381,258 @@ fn wait_until_realtime(target_ns: i128) {
             std::hint::spin_loop();
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Polling
+
+/// Calls `check` until it returns `Ok`; panics after `timeout` with what `check` said last
+/// (its `Err`), so a failure shows the state that was waited on, at the caller's line.
+#[track_caller]
+pub fn poll_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(found) => return found,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("waited {timeout:?} for {what}; last seen:\n{last}")
+            }
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A fake pod
+
+/// A fake Kubernetes pod: a container cgroup in the cgroupfs driver's layout,
+/// `<prefix>/kubepods/burstable/pod<uid>/<container id>`, under a prefix cgroup unique to the
+/// process and pod (the daemon finds the kubepods part anywhere in a path), and the kubelet's
+/// log directories that name it. Everything is removed on drop, deepest cgroup first; whatever
+/// still runs in them is killed.
+pub struct FakePod {
+    /// Every cgroup made for the pod, outermost first.
+    cgroups: Vec<Cgroup>,
+    logs: TempDir,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub container: String,
+    pub container_id: String,
+}
+
+impl FakePod {
+    pub fn new(namespace: &str, name: &str, container: &str) -> Self {
+        let pid = std::process::id();
+        let n = NEXT_WORLD.fetch_add(1, Ordering::Relaxed);
+        let uid = format!(
+            "{pid:08x}-{:04x}-4000-8000-{:012x}",
+            n & 0xffff,
+            u64::from(pid) * 131 + u64::from(n)
+        );
+        let container_id = format!(
+            "{:016x}{:016x}{:016x}{:016x}",
+            pid,
+            n,
+            u64::from(pid) ^ 0x5eed_cafe,
+            u64::from(n) + 11
+        );
+        let logs = TempDir::new(&format!("{pid}-{n}-podlogs"));
+        let pod_dir = logs
+            .path()
+            .join("pods")
+            .join(format!("{namespace}_{name}_{uid}"))
+            .join(container);
+        fs::create_dir_all(&pod_dir).expect("creating the pod log dir");
+        let log = pod_dir.join("0.log");
+        fs::write(&log, "").expect("creating the pod log file");
+        let containers = logs.path().join("containers");
+        fs::create_dir_all(&containers).expect("creating the container log dir");
+        std::os::unix::fs::symlink(
+            &log,
+            containers.join(format!("{name}_{namespace}_{container}-{container_id}.log")),
+        )
+        .expect("linking the container log");
+
+        let mut pod = Self {
+            cgroups: Vec::new(),
+            logs,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            uid,
+            container: container.to_owned(),
+            container_id,
+        };
+        let layout = format!(
+            "dp-fakepod-{pid}-{n}/kubepods/burstable/pod{}/{}",
+            pod.uid, pod.container_id
+        );
+        let mut path = String::new();
+        for part in layout.split('/') {
+            path = if path.is_empty() {
+                part.to_owned()
+            } else {
+                format!("{path}/{part}")
+            };
+            pod.cgroups.push(Cgroup::create(&path));
+        }
+        pod
+    }
+
+    /// The container's cgroup, where the pod's clients run.
+    pub fn cgroup(&self) -> &Cgroup {
+        self.cgroups.last().expect("the pod has cgroups")
+    }
+
+    /// For `--pod-log-dir`.
+    pub fn pod_log_dir(&self) -> PathBuf {
+        self.logs.path().join("pods")
+    }
+
+    /// For `--container-log-dir`.
+    pub fn container_log_dir(&self) -> PathBuf {
+        self.logs.path().join("containers")
+    }
+}
+
+impl Drop for FakePod {
+    fn drop(&mut self) {
+        // A cgroup goes only once it has no children: innermost first.
+        while let Some(cgroup) = self.cgroups.pop() {
+            drop(cgroup);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A terminal
+
+/// A detached tmux session running one command in a pane of a fixed size: a real terminal for
+/// an interactive program. The server has a socket name of its own (`-L`) in a private
+/// `TMUX_TMPDIR`, reads no configuration, and runs in a cgroup of its own, so nothing is
+/// shared with another tmux and everything goes on drop: the server is killed (`kill-server`
+/// hangs up the pane), then whatever still runs in the cgroup is killed too.
+pub struct Tmux {
+    socket: String,
+    /// Fields drop in declaration order: processes first, then the socket's directory.
+    cgroup: Cgroup,
+    dir: TempDir,
+}
+
+/// The one session of a [`Tmux`].
+const TMUX_SESSION: &str = "main";
+
+impl Tmux {
+    /// Starts `command` (a shell command line, run by `sh -c`) in a `width` x `height` pane.
+    pub fn start(width: u16, height: u16, command: &str) -> Self {
+        let pid = std::process::id();
+        let n = NEXT_WORLD.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{pid}-{n}");
+        let dir = TempDir::new(&format!("{tag}-tmux"));
+        let cgroup = Cgroup::create(&format!("dp-tmux-{tag}"));
+        let tmux = Self {
+            socket: format!("dnsprobe-test-{tag}"),
+            cgroup,
+            dir,
+        };
+        // Started from a shell that joined the cgroup: the server it forks stays there, and
+        // so does every pane process.
+        let procs = tmux.cgroup.dir.join("cgroup.procs");
+        let (w, h) = (width.to_string(), height.to_string());
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("echo $$ > '{}' && exec \"$@\"", procs.display()))
+            .arg("sh")
+            .arg("tmux");
+        tmux.configure(&mut cmd);
+        cmd.args(["new-session", "-d", "-s", TMUX_SESSION, "-x", &w, "-y", &h])
+            .arg(format!("sh -c {}", shell_quote(command)));
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .expect("running tmux (is it installed? `cargo xtask setup`)");
+        assert!(
+            out.status.success(),
+            "tmux new-session failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tmux
+    }
+
+    /// The common arguments and environment of every tmux command of this server.
+    fn configure(&self, cmd: &mut Command) {
+        cmd.args(["-L", &self.socket, "-f", "/dev/null"])
+            .env("TMUX_TMPDIR", self.dir.path())
+            .env_remove("TMUX")
+            .env_remove("TMUX_PANE");
+    }
+
+    fn tmux(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new("tmux");
+        self.configure(&mut cmd);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running tmux {args:?}: {e}"))
+    }
+
+    /// The pane's visible text, one line per row; `None` once the session is gone.
+    pub fn capture(&self) -> Option<String> {
+        let out = self.tmux(&["capture-pane", "-p", "-t", TMUX_SESSION]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `tmux send-keys` (key names as tmux knows them: `q`, `Escape`, `C-c`).
+    pub fn send_keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", TMUX_SESSION];
+        args.extend_from_slice(keys);
+        let out = self.tmux(&args);
+        assert!(
+            out.status.success(),
+            "tmux send-keys {keys:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Whether the session still exists (it ends when the pane's command exits).
+    pub fn has_session(&self) -> bool {
+        self.tmux(&["has-session", "-t", TMUX_SESSION])
+            .status
+            .success()
+    }
+
+    /// The pids of every process of the server's cgroup (the server, the pane's processes).
+    pub fn pids(&self) -> Vec<u32> {
+        fs::read_to_string(self.cgroup.dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        // Fails when the server already exited, which is fine.
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "-f", "/dev/null", "kill-server"])
+            .env("TMUX_TMPDIR", self.dir.path())
+            .env_remove("TMUX")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `s` as one word for `sh`.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
