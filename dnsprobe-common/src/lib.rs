@@ -34,6 +34,10 @@ pub const STAT_UNPARSEABLE: u32 = 2;
 pub const STAT_DROP_RINGBUF_FULL: u32 = 3;
 /// DNS-port packets seen dropped by the kernel.
 pub const STAT_DROPS: u32 = 4;
+/// Of `STAT_RINGBUF_FULL`: events of queries (egress) and of responses (ingress) lost. A lost
+/// query event loses the query; a lost response event makes an answered query look unanswered.
+pub const STAT_LOST_EGRESS: u32 = 5;
+pub const STAT_LOST_INGRESS: u32 = 6;
 pub const STAT_COUNT: u32 = 8;
 
 /// Bytes of a dropped packet's DNS payload copied (enough for header and a typical question).

@@ -21,7 +21,8 @@ use aya_ebpf::{
 use dnsprobe_common::{
     DnsEvent, DropEvent, KernelOffsets, PortConfig, DIR_EGRESS, DIR_INGRESS, DNS_CAPTURE_LEN,
     DROP_CAPTURE_LEN, FAMILY_IPV4, FAMILY_IPV6, OFFSET_UNKNOWN, PROTO_TCP, PROTO_UDP, STAT_COUNT,
-    STAT_DROPS, STAT_DROP_RINGBUF_FULL, STAT_EVENTS, STAT_RINGBUF_FULL, STAT_UNPARSEABLE,
+    STAT_DROPS, STAT_DROP_RINGBUF_FULL, STAT_EVENTS, STAT_LOST_EGRESS, STAT_LOST_INGRESS,
+    STAT_RINGBUF_FULL, STAT_UNPARSEABLE,
 };
 
 /// Overwritten by userspace at load time (`--ports`); read-only to the programs.
@@ -232,6 +233,11 @@ fn emit(ctx: &SkBuffContext, direction: u8, l3: &L3, sport: u16, dport: u16) -> 
 
     let Some(mut entry) = EVENTS.reserve::<DnsEvent>(0) else {
         bump(STAT_RINGBUF_FULL);
+        bump(if direction == DIR_EGRESS {
+            STAT_LOST_EGRESS
+        } else {
+            STAT_LOST_INGRESS
+        });
         return Ok(());
     };
     let event = entry.as_mut_ptr();

@@ -10,7 +10,7 @@ use aya::{
 };
 use dnsprobe_common::{
     KernelOffsets, PortConfig, MAX_PORTS, STAT_DROPS, STAT_DROP_RINGBUF_FULL, STAT_EVENTS,
-    STAT_RINGBUF_FULL, STAT_UNPARSEABLE,
+    STAT_LOST_EGRESS, STAT_LOST_INGRESS, STAT_RINGBUF_FULL, STAT_UNPARSEABLE,
 };
 
 use crate::{btf::KernelBtf, drops::DropReasons};
@@ -67,6 +67,9 @@ pub struct KernelStats {
     pub events: u64,
     /// Events lost because the ring buffer was full.
     pub ringbuf_full: u64,
+    /// Of those, query (egress) and response (ingress) events.
+    pub lost_egress: u64,
+    pub lost_ingress: u64,
     /// DNS-port packets whose headers could not be read.
     pub unparseable: u64,
     /// DNS packets seen dropped by the kernel.
@@ -362,6 +365,8 @@ impl KernelCounters {
         Ok(KernelStats {
             events: sum(STAT_EVENTS)?,
             ringbuf_full: sum(STAT_RINGBUF_FULL)?,
+            lost_egress: sum(STAT_LOST_EGRESS)?,
+            lost_ingress: sum(STAT_LOST_INGRESS)?,
             unparseable: sum(STAT_UNPARSEABLE)?,
             drops: sum(STAT_DROPS)?,
             drop_ringbuf_full: sum(STAT_DROP_RINGBUF_FULL)?,

@@ -306,7 +306,7 @@ impl Pipeline {
         format!(
             "queries={} answered={} unanswered={} resends={} records={} write_errors={} in_flight={} \
              unmatched_responses={} evicted={} malformed={} partial={} kernel_events={} \
-             lost_events={} unparseable_packets={} kernel_drops={} lost_drop_events={} \
+             lost_events={} lost_query_events={} lost_response_events={} unparseable_packets={} kernel_drops={} lost_drop_events={} \
              drops_linked={} drops_unlinked={} malformed_drops={} netns_known={} \
              late_arrivals={} recent_queries={} lookups={} lookups_open={} lookups_evicted={} \
              cgroups_known={} cgroup_walks={} processes_known={} resolver_configs={} \
@@ -324,6 +324,8 @@ impl Pipeline {
             self.stats.partial_messages,
             kernel.events,
             kernel.ringbuf_full,
+            kernel.lost_egress,
+            kernel.lost_ingress,
             kernel.unparseable,
             kernel.drops,
             kernel.drop_ringbuf_full,

@@ -1848,6 +1848,15 @@ impl Daemon {
         self.child.as_ref().map_or(0, Child::id)
     }
 
+    /// The daemon process exists and has not exited (a zombie counts as exited).
+    pub fn is_running(&self) -> bool {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // The state follows the parenthesised command name.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    }
+
     /// Every query record of `cgroup_path` written so far (complete lines only: the daemon
     /// may be in the middle of one). Panics on a record of that cgroup that breaks the
     /// record contract.
