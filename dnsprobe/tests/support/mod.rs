@@ -248,10 +248,14 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 
 /// Stops a child: SIGTERM, then SIGKILL if it has not exited after `grace`.
 fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    stop_child_with(child, libc::SIGTERM, grace)
+}
+
+fn stop_child_with(child: &mut Child, sig: libc::c_int, grace: Duration) -> Option<ExitStatus> {
     if let Ok(Some(status)) = child.try_wait() {
         return Some(status);
     }
-    signal(child, libc::SIGTERM);
+    signal(child, sig);
     if let Some(status) = wait_timeout(child, grace) {
         return Some(status);
     }
@@ -2002,12 +2006,21 @@ impl Daemon {
         self.stop_inner()
     }
 
+    /// Like [`Daemon::stop`], with another signal (SIGINT, say).
+    pub fn stop_with(mut self, sig: libc::c_int) -> Stopped {
+        self.stop_inner_with(sig)
+    }
+
     fn stop_inner(&mut self) -> Stopped {
+        self.stop_inner_with(libc::SIGTERM)
+    }
+
+    fn stop_inner_with(&mut self, sig: libc::c_int) -> Stopped {
         let start = Instant::now();
         let status = self
             .child
             .take()
-            .and_then(|mut child| stop_child(&mut child, Duration::from_secs(10)));
+            .and_then(|mut child| stop_child_with(&mut child, sig, Duration::from_secs(10)));
         let took = start.elapsed();
         // The pipe closes when the daemon exits, which ends the reader.
         if let Some(reader) = self.reader.take() {
