@@ -1759,11 +1759,23 @@ impl Daemon {
     /// is an `Err` with its stderr instead of a panic, for a test that may retry (a port it
     /// picked was taken meanwhile, say).
     pub fn try_start_with(extra_args: &[&str]) -> Result<Self, String> {
+        Self::try_start_wrapped(&[], extra_args)
+    }
+
+    /// Starts the daemon through `wrapper` (e.g. `setpriv ... --`), which execs it.
+    pub fn try_start_wrapped(wrapper: &[&str], extra_args: &[&str]) -> Result<Self, String> {
         let n = NEXT_WORLD.fetch_add(1, Ordering::Relaxed);
         let dir = TempDir::new(&format!("{}-{n}-daemon", std::process::id()));
         let output = dir.path().join("records.jsonl");
         let timeout = format!("{}ms", QUERY_TIMEOUT.as_millis());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dnsprobe"));
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(env!("CARGO_BIN_EXE_dnsprobe"));
+                cmd
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_dnsprobe")),
+        };
         cmd.args(["run", "--format", "json", "--output"])
             .arg(&output)
             .args(["--query-timeout", &timeout])
