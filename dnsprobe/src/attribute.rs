@@ -139,6 +139,15 @@ impl CgroupPaths {
         self.walks
     }
 
+    /// Forgets cgroups whose directory is gone (their records were written with the path
+    /// already), and old negative entries. Costs one stat per known cgroup.
+    pub fn prune(&mut self) {
+        let root = &self.root;
+        self.by_id
+            .retain(|_, rel| root.join(rel.trim_start_matches('/')).exists());
+        self.missing.retain(|_, at| at.elapsed() < NEGATIVE_TTL);
+    }
+
     pub fn resolve(&mut self, id: u64) -> Option<String> {
         if let Some(path) = self.by_id.get(&id) {
             return Some(path.clone());
@@ -280,6 +289,12 @@ impl ProcessNames {
         self.by_pid.len()
     }
 
+    /// Forgets names read longer ago than `grace` (or their TTL): processes come and go.
+    pub fn prune(&mut self, grace: Duration) {
+        let keep = grace.min(PROCESS_NAME_TTL);
+        self.by_pid.retain(|_, e| e.read_at.elapsed() < keep);
+    }
+
     /// The process's name, or `None` if it exited before it could be read.
     pub fn resolve(&mut self, pid: u32, thread_comm: Option<&str>) -> Option<String> {
         if let Some(entry) = self.by_pid.get(&pid) {
@@ -376,6 +391,13 @@ impl Attributor {
 
     pub fn pod_directory_evictions(&self) -> u64 {
         self.pods.evictions()
+    }
+
+    /// Forgets attributions made longer ago than `grace`: a cgroup still in use is simply
+    /// attributed again (cheap), one that is gone stops taking room. Records keep what their
+    /// query was attributed to when it was sent.
+    pub fn prune(&mut self, grace: Duration) {
+        self.by_cgroup.retain(|_, (_, at)| at.elapsed() < grace);
     }
 
     pub fn pod_directory_scans(&self) -> u64 {

@@ -143,6 +143,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub metrics_top_names: u32,
 
+    /// How long state about a cgroup or process that is gone is kept (for late records)
+    /// before caches forget it.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub state_grace: Duration,
+
     /// Interval between periodic statistics lines on stderr (0 disables them).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration_or_zero)]
     pub stats_interval: Duration,

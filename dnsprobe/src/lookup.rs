@@ -153,6 +153,12 @@ impl ResolverConfigs {
         self.by_pid.len() + self.by_cgroup.len()
     }
 
+    pub fn prune(&mut self, grace: Duration) {
+        let keep = grace.min(RESOLVER_CONFIG_TTL);
+        self.by_pid.retain(|_, (_, at)| at.elapsed() < keep);
+        self.by_cgroup.retain(|_, (_, at)| at.elapsed() < keep);
+    }
+
     fn read_pid(&self, pid: u32) -> Option<ResolverConfig> {
         let path = self
             .proc_root
@@ -467,6 +473,10 @@ impl LookupTracker {
 
     pub fn resolver_configs(&self) -> usize {
         self.configs.len()
+    }
+
+    pub fn prune(&mut self, grace: Duration) {
+        self.configs.prune(grace);
     }
 
     fn key_for(

@@ -288,6 +288,11 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
     let stats_every = args.stats_interval;
     let mut last_stats = tokio::time::Instant::now();
     let mut last_lost = 0u64;
+    // Pruning stats every cached cgroup: often enough to follow churn, rarely enough to cost
+    // nothing.
+    let prune_every =
+        (args.state_grace / 2).clamp(Duration::from_millis(500), Duration::from_secs(10));
+    let mut last_prune = tokio::time::Instant::now();
     let mut last_internal = tokio::time::Instant::now();
     let ui = match &top_state {
         Some(state) => Some(top::TopUi::start(state.clone()).context("dnsprobe top")?),
@@ -324,6 +329,10 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
                 }
                 pipeline.expire();
                 pipeline.drops.conntrack.refresh_if_due();
+                if last_prune.elapsed() >= prune_every {
+                    last_prune = tokio::time::Instant::now();
+                    pipeline.prune(args.state_grace);
+                }
                 pipeline.flush();
                 if (metrics_handle.is_some() || top_state.is_some())
                     && last_internal.elapsed() >= Duration::from_secs(1)

@@ -264,6 +264,15 @@ impl Pipeline {
         }
     }
 
+    /// Drops per-cgroup and per-process state of what is gone, so caches follow pods coming
+    /// and going instead of growing with every pod the node ever ran.
+    pub fn prune(&mut self, grace: std::time::Duration) {
+        self.paths.prune();
+        self.names.prune(grace);
+        self.attributor.prune(grace);
+        self.lookups.prune(grace);
+    }
+
     pub fn expire(&mut self) {
         let now = clock_ns(libc::CLOCK_MONOTONIC);
         self.attributor.refresh_if_due();
