@@ -4,6 +4,7 @@
 //!   (Debian packages, nightly rust-src, bpf-linker, the manifest validator from PyPI).
 //! - `run`: setup, release build, then replaces itself with `dnsprobe run ...`.
 //! - `test`: setup, fmt check, clippy, then every test of the workspace.
+//! - `bench`: setup, release build, then the benchmark suite (bench.rs, docs/benchmarks.md).
 //!
 //! Every step is idempotent and says what it does or skips, so a CI log shows what a fresh
 //! machine needed. Errors name the step that failed.
@@ -18,6 +19,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 /// Debian packages the build, the daemon and the integration tests need.
 const DEBIAN_PACKAGES: &[&str] = &[
@@ -72,6 +75,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Set up, build the release daemon, and run the benchmark suite (needs root; not a test:
+    /// prints a table and writes it to target/bench/, see docs/benchmarks.md).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +86,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Run { args } => run(args),
         Task::Test { args } => test(args),
+        Task::Bench(args) => run_bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -335,6 +342,20 @@ fn run(args: Vec<OsString>) -> Result<()> {
     // exec, not spawn: the daemon gets Ctrl-C and SIGTERM directly and its exit code is ours.
     let err = cmd.exec();
     Err(err).with_context(|| format!("run: cannot exec {}", daemon.display()))
+}
+
+fn run_bench(args: &bench::BenchArgs) -> Result<()> {
+    setup()?;
+    let root = workspace_root()?;
+    run_step(
+        "bench: build",
+        cargo(&root).args(["build", "--release", "-p", "dnsprobe"]),
+    )?;
+    let target_dir = match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    };
+    bench::bench(args, &root, &target_dir.join("release").join("dnsprobe"))
 }
 
 fn test(args: Vec<OsString>) -> Result<()> {
