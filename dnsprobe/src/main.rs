@@ -1,23 +1,5 @@
 //! dnsprobe: an eBPF DNS latency observer.
 
-mod attribute;
-mod btf;
-mod capture;
-mod check;
-mod cli;
-mod conntrack;
-mod correlate;
-mod decode;
-mod drops;
-mod export;
-mod filter;
-mod kubeapi;
-mod lookup;
-mod metrics;
-mod pipeline;
-mod pods;
-mod top;
-
 use std::{
     fs::File,
     io::{self, BufWriter, IsTerminal as _, Write},
@@ -33,7 +15,8 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{
+use dnsprobe::{attribute, capture, check, kubeapi, metrics, pods, top};
+use dnsprobe::{
     attribute::{Attributor, CgroupPaths, ProcessNames},
     capture::{Capture, CaptureConfig, KernelStats},
     cli::{Cli, Command, Format, RunArgs},

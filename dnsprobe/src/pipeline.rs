@@ -10,8 +10,8 @@ use crate::{
     },
     decode::{decode_event, read_event},
     drops::{decode_drop, read_drop_event, DropReasons, KernelSymbols},
-    export::{clock_ns, RecordWriter},
-    lookup::{LateArrival, LookupRecord, LookupTracker},
+    export::{clock_ns, RecordFormat, RecordWriter, WallClock},
+    lookup::{DiagnosisConfig, LateArrival, LookupRecord, LookupTracker, ResolverConfigs},
 };
 
 /// A consumer of what the pipeline concludes.
@@ -103,6 +103,61 @@ const DROP_LINK_GRACE_NS: u64 = 200_000_000;
 const MAX_WAITING_DROPS: usize = 4096;
 
 impl Pipeline {
+    /// A pipeline that reads nothing of the machine it runs on: JSON records to
+    /// `std::io::sink()`, default limits, and every path it would look things up under
+    /// (cgroups, /proc, kubelet log directories) pointed at `missing`, a directory that
+    /// should not exist. No netfilter reason is known, so conntrack is never read. For the
+    /// fuzz target and offline tests.
+    pub fn offline(missing: &std::path::Path) -> Self {
+        use std::time::Duration;
+        let timeout = Duration::from_secs(10);
+        let timeout_ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        let max_inflight = 4096;
+        let missing = missing.to_path_buf();
+        Self {
+            tracker: QueryTracker::new(timeout_ns, max_inflight),
+            paths: CgroupPaths::new(missing.join("cgroup")),
+            names: ProcessNames::new(missing.join("proc")),
+            attributor: Attributor::new(crate::pods::PodDirectory::new(
+                missing.join("pods"),
+                missing.join("containers"),
+            )),
+            sinks: vec![Box::new(RecordWriter::new(
+                std::io::sink(),
+                RecordFormat::Json,
+                WallClock::now(),
+            ))],
+            stats: PipelineStats::default(),
+            drops: DropExplainer {
+                reasons: DropReasons::new([
+                    ("SKB_DROP_REASON_NOT_SPECIFIED".to_owned(), 2),
+                    ("SKB_DROP_REASON_NO_SOCKET".to_owned(), 3),
+                    ("SKB_DROP_REASON_NETFILTER_DROP".to_owned(), 7),
+                ]),
+                symbols: KernelSymbols::parse(
+                    "ffffffff81000000 T nf_hook_slow\nffffffff81002000 t udp_queue_rcv_one_skb\n",
+                ),
+                netfilter_drop: None,
+                conntrack: ConntrackWatch::new(Duration::from_secs(3600)),
+            },
+            ports: vec![53],
+            lookups: LookupTracker::new(
+                ResolverConfigs::new(missing.join("proc"), missing.join("cgroup")),
+                Duration::from_millis(500),
+                timeout,
+                max_inflight,
+                DiagnosisConfig {
+                    slow_ns: 500_000_000,
+                    query_timeout_ns: timeout_ns,
+                },
+            ),
+            lookup_out: Vec::new(),
+            recent: RecentQueries::new(timeout_ns.saturating_mul(2), max_inflight),
+            finished: Vec::new(),
+            waiting_drops: Default::default(),
+        }
+    }
+
     pub fn handle_record(&mut self, bytes: &[u8]) {
         self.stats.ring_records += 1;
         let packet = match read_event(bytes).and_then(|event| decode_event(&event)) {
@@ -274,7 +329,11 @@ impl Pipeline {
     }
 
     pub fn expire(&mut self) {
-        let now = clock_ns(libc::CLOCK_MONOTONIC);
+        self.expire_at(clock_ns(libc::CLOCK_MONOTONIC));
+    }
+
+    /// `expire` with the monotonic clock reading given (the fuzz target drives time itself).
+    pub fn expire_at(&mut self, now: u64) {
         self.attributor.refresh_if_due();
         self.retry_waiting_drops(now);
         let mut finished = std::mem::take(&mut self.finished);
@@ -359,6 +418,47 @@ impl Pipeline {
     }
 }
 
+/// Fuzz input framing: a sequence of `[kind][len: u16 LE][len bytes]`; a short tail is
+/// used as it is.
+pub mod fuzz_input {
+    /// A ring-buffer record of the packet ring (`DnsEvent`).
+    pub const PACKET: u8 = 0;
+    /// A ring-buffer record of the drop ring (`DropEvent`).
+    pub const DROP: u8 = 1;
+    /// A timer tick; the bytes are the monotonic clock reading (u64 LE, zero-padded).
+    pub const TICK: u8 = 2;
+    /// Pruning of state about gone cgroups and processes.
+    pub const PRUNE: u8 = 3;
+}
+
+/// Drives `pipeline` from fuzz input (see [`fuzz_input`]): packet records, drop records and
+/// timer ticks in any order, then the shutdown path. Kinds are taken modulo 4.
+pub fn fuzz_records(pipeline: &mut Pipeline, mut data: &[u8]) {
+    while let Some((&kind, rest)) = data.split_first() {
+        let (len, rest) = match rest {
+            [a, b, rest @ ..] => (usize::from(u16::from_le_bytes([*a, *b])), rest),
+            _ => (rest.len(), &[][..]),
+        };
+        let (bytes, rest) = rest.split_at(len.min(rest.len()));
+        data = rest;
+        match kind % 4 {
+            fuzz_input::PACKET => pipeline.handle_record(bytes),
+            fuzz_input::DROP => pipeline.handle_drop_record(bytes),
+            fuzz_input::TICK => {
+                let mut now = [0u8; 8];
+                let n = bytes.len().min(8);
+                now[..n].copy_from_slice(&bytes[..n]);
+                pipeline.expire_at(u64::from_le_bytes(now));
+            }
+            _ => pipeline.prune(std::time::Duration::ZERO),
+        }
+        pipeline.flush();
+    }
+    pipeline.close_all_lookups();
+    pipeline.flush();
+    let _ = pipeline.summary(KernelStats::default());
+}
+
 /// The first bytes of a malformed record's DNS message, for debug logs.
 fn hex_prefix(record: &[u8]) -> String {
     let start = std::mem::offset_of!(dnsprobe_common::DnsEvent, msg);
@@ -369,4 +469,50 @@ fn hex_prefix(record: &[u8]) -> String {
         .take(48)
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fuzz target's seeds (fuzz/make_seeds.py) through the offline pipeline: real
+    /// exchanges are answered, hostile messages are counted as malformed, nothing panics.
+    #[test]
+    fn fuzz_seeds_run_offline() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/pipeline");
+        let missing = std::env::temp_dir().join("dnsprobe-test-missing-dir");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            let mut pipeline = Pipeline::offline(&missing);
+            fuzz_records(&mut pipeline, &data);
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let t = pipeline.tracker.stats();
+            match name.as_str() {
+                "udp_exchange" | "tcp_exchange" | "udp6_aaaa" => {
+                    assert_eq!((t.queries, t.answered), (1, 1), "{name}");
+                    assert_eq!(pipeline.stats.malformed, 0, "{name}");
+                }
+                "ptr_loop_question"
+                | "label_64"
+                | "header_truncated"
+                | "cap_len_over_buffer"
+                | "tcp_zero_length"
+                | "bad_direction_family_proto" => {
+                    assert!(
+                        pipeline.stats.malformed > 0,
+                        "{name}: not counted malformed"
+                    );
+                }
+                "short_records" => {
+                    assert_eq!(pipeline.stats.malformed, 2, "{name}");
+                    assert_eq!(pipeline.stats.malformed_drops, 2, "{name}");
+                }
+                _ => {}
+            }
+            seen += 1;
+        }
+        assert!(seen >= 20, "only {seen} seeds in {}", dir.display());
+    }
 }

@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// Which parts to run (1: load, 2: non-DNS traffic, 3: memory bound).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     parts: Vec<u32>,
+    /// Seconds of fuzzing the `pipeline` target after the benchmarks (0: none).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub fuzz: u32,
 }
 
 /// Daemon CPU per answered query allowed with JSON output (µs).

@@ -3,8 +3,10 @@
 //! - `setup`: installs what a fresh Debian 12 machine lacks to build and test dnsprobe
 //!   (Debian packages, nightly rust-src, bpf-linker, the manifest validator from PyPI).
 //! - `run`: setup, release build, then replaces itself with `dnsprobe run ...`.
-//! - `test`: setup, fmt check, clippy, then every test of the workspace.
-//! - `bench`: setup, release build, then the benchmark suite (bench.rs, docs/benchmarks.md).
+//! - `test`: setup, fmt check, clippy, every test of the workspace, then a minute of fuzzing
+//!   (fuzz/, cargo-fuzz on nightly).
+//! - `bench`: setup, release build, the benchmark suite (bench.rs, docs/benchmarks.md), then
+//!   longer fuzzing (`--fuzz SECS`).
 //!
 //! Every step is idempotent and says what it does or skips, so a CI log shows what a fresh
 //! machine needed. Errors name the step that failed.
@@ -68,8 +70,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Set up, then `cargo fmt --check`, clippy with warnings denied, and all tests (as root:
-    /// the integration tests load eBPF programs).
+    /// Set up, then `cargo fmt --check`, clippy with warnings denied, all tests (as root: the
+    /// integration tests load eBPF programs), then a minute of fuzzing (fuzz/, cargo-fuzz).
     Test {
         /// Extra arguments for `cargo test`, after `--`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -156,6 +158,7 @@ fn setup() -> Result<()> {
     nightly_toolchain()?;
     bpf_linker()?;
     python_packages()?;
+    cargo_fuzz()?;
     eprintln!("xtask: setup: done");
     Ok(())
 }
@@ -297,6 +300,38 @@ fn bpf_linker() -> Result<()> {
     }
 }
 
+/// cargo-fuzz, for the fuzz target in fuzz/ (built with the nightly toolchain).
+fn cargo_fuzz() -> Result<()> {
+    let step = "setup: cargo-fuzz";
+    if let Some(v) = probe(Command::new("cargo").args(["fuzz", "--version"])) {
+        eprintln!("xtask: {step}: {} present, skipping", v.trim());
+        return Ok(());
+    }
+    run_step(
+        &format!("{step}: cargo install"),
+        Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]),
+    )
+}
+
+/// Runs the `pipeline` fuzz target for `seconds` from the committed seeds
+/// (fuzz/corpus/pipeline, see fuzz/make_seeds.py); new inputs go to fuzz/target/corpus, a
+/// crash or hang fails the step and leaves its input in fuzz/artifacts/pipeline/.
+fn fuzz_pipeline(step: &str, root: &Path, seconds: u32) -> Result<()> {
+    let fuzz_dir = root.join("fuzz");
+    let work_corpus = fuzz_dir.join("target").join("corpus").join("pipeline");
+    std::fs::create_dir_all(&work_corpus)
+        .with_context(|| format!("{step}: creating {}", work_corpus.display()))?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&fuzz_dir)
+        .args(["+nightly", "fuzz", "run", "pipeline"])
+        .arg(&work_corpus)
+        .arg(fuzz_dir.join("corpus").join("pipeline"))
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .args(["-timeout=10", "-rss_limit_mb=2048"]);
+    run_step(step, &mut cmd)
+}
+
 fn python_packages() -> Result<()> {
     let step = "setup: python package kubernetes-validate";
     let wanted = KUBERNETES_VALIDATE_VERSION;
@@ -355,7 +390,11 @@ fn run_bench(args: &bench::BenchArgs) -> Result<()> {
         Some(dir) => root.join(dir),
         None => root.join("target"),
     };
-    bench::bench(args, &root, &target_dir.join("release").join("dnsprobe"))
+    bench::bench(args, &root, &target_dir.join("release").join("dnsprobe"))?;
+    if args.fuzz > 0 {
+        fuzz_pipeline(&format!("bench: fuzz ({} s)", args.fuzz), &root, args.fuzz)?;
+    }
+    Ok(())
 }
 
 fn test(args: Vec<OsString>) -> Result<()> {
@@ -381,6 +420,7 @@ fn test(args: Vec<OsString>) -> Result<()> {
         "test: cargo test",
         cargo(&root).args(["test", "--workspace"]).args(&args),
     )?;
+    fuzz_pipeline("test: fuzz (60 s)", &root, 60)?;
     eprintln!("xtask: test: all steps passed");
     Ok(())
 }
