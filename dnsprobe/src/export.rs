@@ -344,7 +344,7 @@ impl<W: Write> RecordWriter<W> {
                     cgroup_path: l.cgroup_path.as_deref(),
                     pod: l.workload.as_deref().and_then(|w| w.pod.as_ref()),
                     container: l.workload.as_deref().and_then(|w| w.container.as_ref()),
-                    resolver: l.resolver.as_ref(),
+                    resolver: l.resolver.as_deref(),
                     diagnosis: &l.diagnosis,
                 };
                 serde_json::to_writer(&mut self.out, &record)?;

@@ -11,6 +11,7 @@ use std::{
     fs,
     net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -130,8 +131,9 @@ impl ResolverConfig {
 pub struct ResolverConfigs {
     proc_root: PathBuf,
     cgroup_root: PathBuf,
-    by_pid: HashMap<u32, (Option<ResolverConfig>, Instant)>,
-    by_cgroup: HashMap<u64, (Option<ResolverConfig>, Instant)>,
+    // Shared, not copied: every query of a process looks its configuration up.
+    by_pid: HashMap<u32, (Option<Arc<ResolverConfig>>, Instant)>,
+    by_cgroup: HashMap<u64, (Option<Arc<ResolverConfig>>, Instant)>,
 }
 
 const RESOLVER_CONFIG_TTL: Duration = Duration::from_secs(30);
@@ -159,18 +161,18 @@ impl ResolverConfigs {
         self.by_cgroup.retain(|_, (_, at)| at.elapsed() < keep);
     }
 
-    fn read_pid(&self, pid: u32) -> Option<ResolverConfig> {
+    fn read_pid(&self, pid: u32) -> Option<Arc<ResolverConfig>> {
         let path = self
             .proc_root
             .join(pid.to_string())
             .join("root/etc/resolv.conf");
         fs::read_to_string(path)
             .ok()
-            .map(|t| ResolverConfig::parse(&t))
+            .map(|t| Arc::new(ResolverConfig::parse(&t)))
     }
 
     /// Reads resolv.conf through a live process of the cgroup or of its sibling cgroups.
-    fn read_cgroup(&self, cgroup_path: &str) -> Option<ResolverConfig> {
+    fn read_cgroup(&self, cgroup_path: &str) -> Option<Arc<ResolverConfig>> {
         // The root cgroup holds unrelated host processes: none of them speaks for a client.
         if cgroup_path == "/" {
             return None;
@@ -215,7 +217,7 @@ impl ResolverConfigs {
         pid: Option<u32>,
         cgroup_id: u64,
         cgroup_path: Option<&str>,
-    ) -> Option<ResolverConfig> {
+    ) -> Option<Arc<ResolverConfig>> {
         if let Some(pid) = pid {
             let fresh = self
                 .by_pid
@@ -287,7 +289,7 @@ impl OpenLookup {
     fn patience_ns(&self) -> u64 {
         self.resolver
             .as_ref()
-            .map(ResolverConfig::patience_ns)
+            .map(|r| r.patience_ns())
             .unwrap_or(u64::from(DEFAULT_TIMEOUT_S) * u64::from(DEFAULT_ATTEMPTS) * 1_000_000_000)
     }
 }
@@ -376,7 +378,7 @@ fn lookup_end_ns(lookup: &OpenLookup, query_timeout_ns: u64) -> u64 {
 
 struct OpenLookup {
     name: String,
-    resolver: Option<ResolverConfig>,
+    resolver: Option<Arc<ResolverConfig>>,
     first_send_ns: u64,
     /// When the lookup last saw a query start or end (kernel time).
     last_activity_ns: u64,
@@ -406,7 +408,7 @@ pub struct Diagnosis {
     pub evidence: serde_json::Value,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LookupRecord {
     pub event: &'static str,
     pub time_ns: u64,
@@ -420,9 +422,8 @@ pub struct LookupRecord {
     pub comm: Option<String>,
     pub cgroup_id: u64,
     pub cgroup_path: Option<String>,
-    #[serde(skip)]
     pub workload: Option<std::sync::Arc<crate::attribute::Workload>>,
-    pub resolver: Option<ResolverConfig>,
+    pub resolver: Option<Arc<ResolverConfig>>,
     pub diagnosis: Vec<Diagnosis>,
 }
 
@@ -485,7 +486,7 @@ impl LookupTracker {
         cgroup_id: u64,
         cgroup_path: Option<&str>,
         qname: &str,
-    ) -> (LookupKey, Option<ResolverConfig>) {
+    ) -> (LookupKey, Option<Arc<ResolverConfig>>) {
         let qname_lower = qname.to_ascii_lowercase();
         let cfg = self.configs.get(pid, cgroup_id, cgroup_path);
         let name = match &cfg {
@@ -1209,12 +1210,12 @@ mod tests {
     fn lookup(name: &str, queries: Vec<FinishedQuery>) -> OpenLookup {
         OpenLookup {
             name: name.into(),
-            resolver: Some(ResolverConfig {
+            resolver: Some(Arc::new(ResolverConfig {
                 search: vec!["ns1.svc.cluster.local.".into()],
                 ndots: 5,
                 timeout_s: 5,
                 attempts: 2,
-            }),
+            })),
             first_send_ns: queries.iter().map(|q| q.first_send_ns()).min().unwrap(),
             last_activity_ns: 0,
             pending: 0,

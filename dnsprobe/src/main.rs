@@ -300,16 +300,7 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 // Take what already arrived first, so a response waiting in the ring is not
                 // mistaken for a timeout.
-                if let Some(drop_ring) = drop_ring.as_mut() {
-                    let rb = drop_ring.get_mut();
-                    while let Some(item) = rb.next() {
-                        pipeline.handle_drop_record(&item);
-                    }
-                }
-                let rb = ring.get_mut();
-                while let Some(item) = rb.next() {
-                    pipeline.handle_record(&item);
-                }
+                drain_all(&mut pipeline, &mut ring, &mut drop_ring);
                 pipeline.expire();
                 pipeline.drops.conntrack.refresh_if_due();
                 if last_prune.elapsed() >= prune_every {
@@ -358,16 +349,7 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
     let kernel = kernel_stats();
     drop(ebpf);
     info!("detached programs");
-    if let Some(drop_ring) = drop_ring.as_mut() {
-        let rb = drop_ring.get_mut();
-        while let Some(item) = rb.next() {
-            pipeline.handle_drop_record(&item);
-        }
-    }
-    let rb = ring.get_mut();
-    while let Some(item) = rb.next() {
-        pipeline.handle_record(&item);
-    }
+    drain_all(&mut pipeline, &mut ring, &mut drop_ring);
     pipeline.close_all_lookups();
     pipeline.flush();
     if let Some(handle) = &metrics_handle {
@@ -384,6 +366,23 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
         info!("summary: {summary}");
     }
     Ok(())
+}
+
+type Ring = AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>;
+
+/// Takes everything already in both rings, drops first: a drop waiting in its ring then meets
+/// its query, and a response waiting in its ring is not mistaken for a timeout.
+fn drain_all(pipeline: &mut Pipeline, ring: &mut Ring, drop_ring: &mut Option<Ring>) {
+    if let Some(drop_ring) = drop_ring.as_mut() {
+        let rb = drop_ring.get_mut();
+        while let Some(item) = rb.next() {
+            pipeline.handle_drop_record(&item);
+        }
+    }
+    let rb = ring.get_mut();
+    while let Some(item) = rb.next() {
+        pipeline.handle_record(&item);
+    }
 }
 
 /// Hands at most `DRAIN_BATCH` ring-buffer records to `handle`; the ring stays marked ready
