@@ -350,6 +350,68 @@ impl QueryTracker {
     }
 }
 
+/// Finished queries for the tests of the modules that consume them (metrics, live view).
+#[cfg(test)]
+pub mod fixtures {
+    use std::sync::Arc;
+
+    use super::{FinishedQuery, Outcome, Sender};
+    use crate::{
+        attribute::{PodIdentity, Workload},
+        decode::Transport,
+    };
+
+    pub fn pod(ns: &str, name: &str) -> Option<Arc<Workload>> {
+        Some(Arc::new(Workload {
+            pod: Some(PodIdentity {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                uid: format!("uid-{ns}-{name}"),
+                qos: None,
+            }),
+            ..Default::default()
+        }))
+    }
+
+    /// A query from `workload` to 10.96.0.10:53, answered after `latency_ms` or never.
+    pub fn query(
+        workload: Option<Arc<Workload>>,
+        qname: &str,
+        latency_ms: Option<u64>,
+        rcode: Option<u16>,
+    ) -> FinishedQuery {
+        FinishedQuery {
+            qname: qname.into(),
+            qtype: 1,
+            id: 1,
+            transport: Transport::Udp,
+            client: "10.0.0.1:4000".parse().unwrap(),
+            server: "10.96.0.10:53".parse().unwrap(),
+            socket_cookie: 1,
+            send_ts_ns: vec![1_000_000],
+            response_ts_ns: latency_ms.map(|l| 1_000_000 + l * 1_000_000),
+            outcome: if latency_ms.is_some() {
+                Outcome::Answered
+            } else {
+                Outcome::Unanswered
+            },
+            rcode,
+            truncated: false,
+            answers: vec![],
+            sender: Sender {
+                pid: Some(1),
+                tid: Some(1),
+                comm: Some("app".into()),
+                thread_comm: Some("app".into()),
+                cgroup_id: 1,
+                cgroup_path: Some("/kubepods/x".into()),
+                workload,
+            },
+            drops: vec![],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
