@@ -22,7 +22,7 @@ use std::{
 
 use serde_json::{json, Value};
 use support::{
-    cgroup2_root, run_client_in, skip_unless_root, Cgroup, Daemon, TempDir, World, WorldConfig,
+    run_client_in, skip_unless_root, Cgroup, CreatedCgroups, Daemon, TempDir, World, WorldConfig,
     RECORD_TIMEOUT, WWW,
 };
 
@@ -260,37 +260,6 @@ fn pod_json(
     })
 }
 
-/// Every cgroup the test created, removed newest first, also when the test fails.
-struct CreatedCgroups(Vec<Cgroup>);
-
-impl CreatedCgroups {
-    fn make(&mut self, rel: &str) -> &Cgroup {
-        let mut path = String::new();
-        for part in rel.trim_start_matches('/').split('/') {
-            path = format!("{path}/{part}");
-            let dir = cgroup2_root().join(path.trim_start_matches('/'));
-            if !dir.exists() {
-                fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-                self.0.push(Cgroup {
-                    dir,
-                    path: path.clone(),
-                });
-            }
-        }
-        let leaf = self.0.last().expect("a new leaf cgroup");
-        assert_eq!(leaf.path, path, "the leaf cgroup already existed");
-        leaf
-    }
-}
-
-impl Drop for CreatedCgroups {
-    fn drop(&mut self) {
-        while let Some(cgroup) = self.0.pop() {
-            drop(cgroup);
-        }
-    }
-}
-
 fn answered_records(daemon: &Daemon, cgroup_path: &str) -> Vec<Value> {
     daemon
         .lines()
@@ -429,7 +398,7 @@ fn pods_are_named_from_the_api_server() {
         daemon.stderr()
     );
 
-    let mut cgroups = CreatedCgroups(Vec::new());
+    let mut cgroups = CreatedCgroups::default();
     let prefix = format!("dp-kubeapi-{pid}");
     let u0 = uid(0).replace('-', "_");
     let cases = [

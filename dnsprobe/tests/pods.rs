@@ -12,7 +12,7 @@ use std::{fs, os::unix::fs::symlink, path::Path, time::Duration};
 
 use serde_json::Value;
 use support::{
-    cgroup2_root, run_client_in, skip_unless_root, Cgroup, Daemon, TempDir, World, WorldConfig,
+    run_client_in, skip_unless_root, CreatedCgroups, Daemon, TempDir, World, WorldConfig,
     RECORD_TIMEOUT, WWW,
 };
 
@@ -148,40 +148,6 @@ fn log_fixture(dir: &Path, pods: &[FakePod]) {
     }
 }
 
-/// Every cgroup the test created, removed newest first (a cgroup goes only once it has no
-/// children), also when the test fails.
-struct CreatedCgroups(Vec<Cgroup>);
-
-impl CreatedCgroups {
-    /// Creates every missing cgroup on the way to `rel` (relative to the cgroup v2 root) and
-    /// returns the deepest.
-    fn make(&mut self, rel: &str) -> &Cgroup {
-        let mut path = String::new();
-        for part in rel.trim_start_matches('/').split('/') {
-            path = format!("{path}/{part}");
-            let dir = cgroup2_root().join(path.trim_start_matches('/'));
-            if !dir.exists() {
-                fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-                self.0.push(Cgroup {
-                    dir,
-                    path: path.clone(),
-                });
-            }
-        }
-        let leaf = self.0.last().expect("a new leaf cgroup");
-        assert_eq!(leaf.path, path, "the leaf cgroup already existed");
-        leaf
-    }
-}
-
-impl Drop for CreatedCgroups {
-    fn drop(&mut self) {
-        while let Some(cgroup) = self.0.pop() {
-            drop(cgroup);
-        }
-    }
-}
-
 fn record_line(daemon: &Daemon, cgroup_path: &str) -> Option<Value> {
     daemon.lines().into_iter().map(|(v, _)| v).find(|v| {
         v["event"] == "query"
@@ -224,7 +190,7 @@ fn queries_from_fake_pods_carry_namespace_pod_container_and_uid() {
         containers_dir.to_str().expect("utf-8 path"),
     ]);
 
-    let mut cgroups = CreatedCgroups(Vec::new());
+    let mut cgroups = CreatedCgroups::default();
     let prefix = format!("dp-pods-{}", std::process::id());
     let server = world.server_v4.to_string();
     for p in &pods {

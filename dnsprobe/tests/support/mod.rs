@@ -593,6 +593,41 @@ impl Unbound {
     }
 }
 
+/// Every cgroup a test created below the cgroup v2 root, removed newest first (a cgroup goes
+/// only once it has no children), also when the test fails.
+#[derive(Default)]
+pub struct CreatedCgroups(Vec<Cgroup>);
+
+impl CreatedCgroups {
+    /// Creates every missing cgroup on the way to `rel` (relative to the cgroup v2 root) and
+    /// returns the deepest, which must be new.
+    pub fn make(&mut self, rel: &str) -> &Cgroup {
+        let mut path = String::new();
+        for part in rel.trim_start_matches('/').split('/') {
+            path = format!("{path}/{part}");
+            let dir = cgroup2_root().join(path.trim_start_matches('/'));
+            if !dir.exists() {
+                fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+                self.0.push(Cgroup {
+                    dir,
+                    path: path.clone(),
+                });
+            }
+        }
+        let leaf = self.0.last().expect("a new leaf cgroup");
+        assert_eq!(leaf.path, path, "the leaf cgroup already existed");
+        leaf
+    }
+}
+
+impl Drop for CreatedCgroups {
+    fn drop(&mut self) {
+        while let Some(cgroup) = self.0.pop() {
+            drop(cgroup);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The world
 
