@@ -303,10 +303,9 @@ impl<W: Write> RecordWriter<W> {
                 self.out.write_all(b"\n")?;
             }
             RecordFormat::Text => {
-                let time = rfc3339_nanos(self.clock.wall_ns(d.ts_ns));
                 let line = format!(
                     "{} DROP     {:>10} {} {} -> {} {}{} at {} netns {}\n",
-                    time.get(11..26).unwrap_or(&time),
+                    time_of_day(&self.clock, d.ts_ns),
                     d.packet.as_str(),
                     d.reason,
                     d.src,
@@ -351,15 +350,10 @@ impl<W: Write> RecordWriter<W> {
                 self.out.write_all(b"\n")?;
             }
             RecordFormat::Text => {
-                let time = rfc3339_nanos(self.clock.wall_ns(l.time_ns));
-                let who = match (&l.comm, l.pid) {
-                    (Some(comm), Some(pid)) => format!("{comm}[{pid}]"),
-                    (None, Some(pid)) => format!("[{pid}]"),
-                    _ => "-".to_owned(),
-                };
+                let who = who(l.comm.as_deref(), l.pid);
                 let mut line = format!(
                     "{} LOOKUP {:<8} {:>10} {} queries={} expansions={} {who} {}\n",
-                    time.get(11..26).unwrap_or(&time),
+                    time_of_day(&self.clock, l.time_ns),
                     l.final_rcode.as_deref().unwrap_or("NO-REPLY"),
                     format_latency(l.duration_ns),
                     l.name,
@@ -395,10 +389,9 @@ impl<W: Write> RecordWriter<W> {
                 self.out.write_all(b"\n")?;
             }
             RecordFormat::Text => {
-                let time = rfc3339_nanos(self.clock.wall_ns(l.ts_ns));
                 let line = format!(
                     "{} LATE     {:>10} {:<5} {} id={} ({})\n",
-                    time.get(11..26).unwrap_or(&time),
+                    time_of_day(&self.clock, l.ts_ns),
                     format_latency(l.after_first_send_ns),
                     qtype_name(l.qtype),
                     l.qname,
@@ -418,15 +411,24 @@ impl<W: Write> RecordWriter<W> {
     }
 }
 
-fn text_line(q: &FinishedQuery, clock: &WallClock) -> String {
-    let time = rfc3339_nanos(clock.wall_ns(q.first_send_ns()));
-    // Time of day to the microsecond is what a reader scans for during an incident.
-    let time_of_day = time.get(11..26).unwrap_or(&time);
-    let who = match (&q.sender.comm, q.sender.pid) {
+/// Time of day to the microsecond (UTC): what a reader scans for during an incident.
+fn time_of_day(clock: &WallClock, mono_ns: u64) -> String {
+    let time = rfc3339_nanos(clock.wall_ns(mono_ns));
+    time.get(11..26).unwrap_or(&time).to_owned()
+}
+
+/// `comm[pid]`, as far as known.
+fn who(comm: Option<&str>, pid: Option<u32>) -> String {
+    match (comm, pid) {
         (Some(comm), Some(pid)) => format!("{comm}[{pid}]"),
         (None, Some(pid)) => format!("[{pid}]"),
         _ => "-".to_owned(),
-    };
+    }
+}
+
+fn text_line(q: &FinishedQuery, clock: &WallClock) -> String {
+    let time_of_day = time_of_day(clock, q.first_send_ns());
+    let who = who(q.sender.comm.as_deref(), q.sender.pid);
     let cgroup = q.sender.cgroup_path.as_deref().unwrap_or("?");
     let result = match q.outcome {
         Outcome::Answered => format!(
