@@ -383,6 +383,9 @@ struct OpenLookup {
     /// When the lookup last saw a query start or end (kernel time).
     last_activity_ns: u64,
     pending: u32,
+    /// `settled(&queries)`, kept up to date as queries finish: idle lookups are checked every
+    /// tick, and recomputing it there would cost a map per lookup per tick.
+    settled: bool,
     queries: Vec<FinishedQuery>,
     late: Vec<LateArrival>,
     pid: Option<u32>,
@@ -524,6 +527,7 @@ impl LookupTracker {
             first_send_ns: ts_ns,
             last_activity_ns: ts_ns,
             pending: 0,
+            settled: true,
             queries: Vec::new(),
             late: Vec::new(),
             pid,
@@ -554,6 +558,7 @@ impl LookupTracker {
             .last_activity_ns
             .max(query.response_ts_ns.unwrap_or(now_ns));
         lookup.queries.push(query);
+        lookup.settled = settled(&lookup.queries);
     }
 
     /// A response or drop that came too late for its query. Returns it back when no lookup is
@@ -592,7 +597,7 @@ impl LookupTracker {
                 // A question last answered with SERVFAIL (or not at all) may still be retried
                 // by the resolver (musl retries for its whole timeout): wait as long as it
                 // would, unless everything got a definitive answer.
-                settled(&l.queries)
+                l.settled
                     || now_ns.saturating_sub(l.first_send_ns)
                         >= l.patience_ns().saturating_add(idle_ns)
                     || !alive(l.pid)
@@ -1219,6 +1224,7 @@ mod tests {
             first_send_ns: queries.iter().map(|q| q.first_send_ns()).min().unwrap(),
             last_activity_ns: 0,
             pending: 0,
+            settled: settled(&queries),
             queries,
             late: Vec::new(),
             pid: Some(7),
