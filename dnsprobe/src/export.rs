@@ -280,8 +280,7 @@ impl<W: Write> RecordWriter<W> {
                         .map(|d| DropJson::new(d, &self.clock))
                         .collect(),
                 };
-                serde_json::to_writer(&mut self.out, &record)?;
-                self.out.write_all(b"\n")?;
+                self.json_line(&record)?;
             }
             RecordFormat::Text => {
                 let line = text_line(q, &self.clock);
@@ -292,6 +291,13 @@ impl<W: Write> RecordWriter<W> {
         Ok(())
     }
 
+    /// One JSON record and its newline.
+    fn json_line(&mut self, record: &impl Serialize) -> Result<(), ExportError> {
+        serde_json::to_writer(&mut self.out, record)?;
+        self.out.write_all(b"\n")?;
+        Ok(())
+    }
+
     pub fn write_drop(&mut self, d: &DropRecord) -> Result<(), ExportError> {
         match self.format {
             RecordFormat::Json => {
@@ -299,8 +305,7 @@ impl<W: Write> RecordWriter<W> {
                     event: "drop",
                     drop: DropJson::new(d, &self.clock),
                 };
-                serde_json::to_writer(&mut self.out, &record)?;
-                self.out.write_all(b"\n")?;
+                self.json_line(&record)?;
             }
             RecordFormat::Text => {
                 let line = format!(
@@ -346,8 +351,7 @@ impl<W: Write> RecordWriter<W> {
                     resolver: l.resolver.as_deref(),
                     diagnosis: &l.diagnosis,
                 };
-                serde_json::to_writer(&mut self.out, &record)?;
-                self.out.write_all(b"\n")?;
+                self.json_line(&record)?;
             }
             RecordFormat::Text => {
                 let who = who(l.comm.as_deref(), l.pid);
@@ -385,8 +389,7 @@ impl<W: Write> RecordWriter<W> {
                     pid: l.pid,
                     cgroup_id: l.cgroup_id,
                 };
-                serde_json::to_writer(&mut self.out, &record)?;
-                self.out.write_all(b"\n")?;
+                self.json_line(&record)?;
             }
             RecordFormat::Text => {
                 let line = format!(
