@@ -977,13 +977,15 @@ fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
     // resend_after_timeout: the same query sent again, or asked anew after no answer.
     let mut resends = Vec::new();
     for (i, q) in queries.iter().enumerate() {
+        // Sends are in the order the ring delivered them, which across CPUs is not strictly
+        // the order of their kernel timestamps.
         for pair in q.send_ts_ns.windows(2) {
             // A resend after SERVFAIL is a retry (above), not a timeout.
             let after_servfail =
                 q.rcode == Some(RCODE_SERVFAIL) && q.response_ts_ns.is_some_and(|r| r <= pair[1]);
             if !after_servfail {
                 resends.push(
-                    json!({"id": q.id, "question": describe(q), "waited_ns": pair[1] - pair[0]}),
+                    json!({"id": q.id, "question": describe(q), "waited_ns": pair[1].saturating_sub(pair[0])}),
                 );
             }
         }
@@ -1334,6 +1336,21 @@ mod tests {
         let r = build_record(l, &CFG);
         assert_eq!(r.duration_ns, 5000 * MS);
         assert_eq!(r.final_rcode.as_deref(), Some("SERVFAIL"));
+    }
+
+    #[test]
+    fn sends_out_of_timestamp_order_do_not_overflow() {
+        // Two CPUs' events can reach the ring out of timestamp order.
+        let q = query(
+            "x.example.",
+            1,
+            9,
+            &[500 * MS, 400 * MS],
+            Some(600 * MS),
+            Some(0),
+        );
+        let r = build_record(lookup("x.example.", vec![q]), &CFG);
+        assert_eq!(r.final_rcode.as_deref(), Some("NOERROR"));
     }
 
     #[test]
