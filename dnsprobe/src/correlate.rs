@@ -34,6 +34,8 @@ pub struct Sender {
     pub cgroup_path: Option<String>,
     /// Pod and container (or host unit) the cgroup belongs to.
     pub workload: Option<std::sync::Arc<crate::attribute::Workload>>,
+    /// The lookup the query belongs to (`LookupTracker::query_started`), 0 for none.
+    pub lookup: crate::lookup::LookupId,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -406,6 +408,7 @@ pub mod fixtures {
                 cgroup_id: 1,
                 cgroup_path: Some("/kubepods/x".into()),
                 workload,
+                lookup: 0,
             },
             drops: vec![],
         }
@@ -464,6 +467,7 @@ mod tests {
             cgroup_id: p.cgroup_id,
             cgroup_path: Some("/test".into()),
             workload: None,
+            lookup: 0,
         }
     }
 

@@ -509,6 +509,7 @@ mod tests {
                 cgroup_id: 77,
                 cgroup_path: Some("/t".into()),
                 workload: None,
+                lookup: 0,
             },
             drops: Vec::new(),
         }

@@ -233,6 +233,7 @@ mod tests {
                     }),
                     ..Default::default()
                 })),
+                lookup: 0,
             },
             drops: vec![],
         }

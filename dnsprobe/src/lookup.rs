@@ -7,7 +7,7 @@
 //! process has asked nothing more about the name for `idle`.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     fs,
     net::SocketAddr,
     path::PathBuf,
@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use serde_json::json;
 
@@ -310,10 +311,9 @@ fn latest_rcodes(queries: &[FinishedQuery]) -> HashMap<(String, u16), Option<u16
 }
 
 /// Every question's latest answer is definitive: an answer or a name that does not exist.
+#[cfg(test)]
 fn settled(queries: &[FinishedQuery]) -> bool {
-    latest_rcodes(queries)
-        .values()
-        .all(|r| matches!(r, Some(RCODE_NOERROR) | Some(RCODE_NXDOMAIN)))
+    latest_rcodes(queries).values().all(|r| is_definitive(*r))
 }
 
 /// When the client stopped waiting. Settled lookups end with their last answer. Otherwise the
@@ -322,7 +322,7 @@ fn settled(queries: &[FinishedQuery]) -> bool {
 fn lookup_end_ns(lookup: &OpenLookup, query_timeout_ns: u64) -> u64 {
     let queries = &lookup.queries;
     let last_response = queries.iter().filter_map(|q| q.response_ts_ns).max();
-    if settled(queries) {
+    if lookup.settled {
         return last_response.unwrap_or(lookup.last_activity_ns);
     }
     let mut by_question: HashMap<(String, u16), (Vec<u64>, Vec<u64>)> = HashMap::new();
@@ -377,22 +377,102 @@ fn lookup_end_ns(lookup: &OpenLookup, query_timeout_ns: u64) -> u64 {
 }
 
 struct OpenLookup {
-    name: String,
+    key: LookupKey,
     resolver: Option<Arc<ResolverConfig>>,
     first_send_ns: u64,
     /// When the lookup last saw a query start or end (kernel time).
     last_activity_ns: u64,
     pending: u32,
-    /// `settled(&queries)`, kept up to date as queries finish: idle lookups are checked every
-    /// tick, and recomputing it there would cost a map per lookup per tick.
+    /// Every question asked so far and its latest answer, kept as queries finish: deciding
+    /// whether a lookup is settled must not walk all its queries each time one ends.
+    questions: Vec<QuestionState>,
+    /// Every question's latest answer is definitive (see [`settled`]).
     settled: bool,
     queries: Vec<FinishedQuery>,
     late: Vec<LateArrival>,
-    pid: Option<u32>,
     comm: Option<String>,
-    cgroup_id: u64,
     cgroup_path: Option<String>,
     workload: Option<std::sync::Arc<crate::attribute::Workload>>,
+}
+
+/// One question of a lookup (name and type) and its latest answer.
+#[derive(Debug)]
+struct QuestionState {
+    name_lower: String,
+    qtype: u16,
+    /// When the latest answer came (or the unanswered query was first sent).
+    at_ns: u64,
+    rcode: Option<u16>,
+}
+
+impl OpenLookup {
+    fn new(
+        key: LookupKey,
+        resolver: Option<Arc<ResolverConfig>>,
+        ts_ns: u64,
+        sender: &crate::correlate::Sender,
+    ) -> Self {
+        Self {
+            key,
+            resolver,
+            first_send_ns: ts_ns,
+            last_activity_ns: ts_ns,
+            pending: 0,
+            questions: Vec::new(),
+            settled: true,
+            queries: Vec::new(),
+            late: Vec::new(),
+            comm: sender.comm.clone(),
+            cgroup_path: sender.cgroup_path.clone(),
+            workload: sender.workload.clone(),
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.key.name
+    }
+
+    /// Adds a finished query, keeping `questions` and `settled` up to date.
+    fn add(&mut self, query: FinishedQuery) {
+        let at = query
+            .response_ts_ns
+            .unwrap_or_else(|| query.first_send_ns());
+        match self
+            .questions
+            .iter_mut()
+            .find(|q| q.qtype == query.qtype && q.name_lower.eq_ignore_ascii_case(&query.qname))
+        {
+            Some(q) => {
+                if at >= q.at_ns {
+                    q.at_ns = at;
+                    q.rcode = query.rcode;
+                }
+            }
+            None => self.questions.push(QuestionState {
+                name_lower: query.qname.to_ascii_lowercase(),
+                qtype: query.qtype,
+                at_ns: at,
+                rcode: query.rcode,
+            }),
+        }
+        self.settled = self.questions.iter().all(|q| is_definitive(q.rcode));
+        self.queries.push(query);
+    }
+
+    /// Whether this exact question already got a definitive answer before `ts_ns`: asking it
+    /// again then starts a new resolver call.
+    fn answered_before(&self, qname_lower: &str, qtype: u16, ts_ns: u64) -> bool {
+        self.questions.iter().any(|q| {
+            q.qtype == qtype
+                && q.name_lower == qname_lower
+                && is_definitive(q.rcode)
+                && q.at_ns < ts_ns
+        })
+    }
+}
+
+fn is_definitive(rcode: Option<u16>) -> bool {
+    matches!(rcode, Some(RCODE_NOERROR) | Some(RCODE_NXDOMAIN))
 }
 
 /// Thresholds of the diagnoses.
@@ -434,10 +514,28 @@ pub struct LookupRecord {
 pub struct LookupStats {
     pub lookups: u64,
     pub evicted: u64,
+    /// Lookups closed because they reached `MAX_QUERIES_PER_LOOKUP` (a client asking one
+    /// name without pause); the queries after that start a new lookup.
+    pub capped: u64,
 }
 
+/// A lookup holds at most this many queries. A resolver call makes a few dozen at most
+/// (search expansions x types x attempts); a client asking one name without pause (a load
+/// generator, a forwarder with the name always in flight) would otherwise make one endless
+/// lookup that grows with every query.
+pub const MAX_QUERIES_PER_LOOKUP: usize = 256;
+
+/// Identifies an open lookup; queries carry it from start to end (`Sender::lookup`).
+pub type LookupId = u64;
+
 pub struct LookupTracker {
-    open: HashMap<LookupKey, OpenLookup>,
+    open: FxHashMap<LookupId, OpenLookup>,
+    /// The lookup new queries of a process and asked name join. A lookup taken out of here
+    /// (a new resolver call began) stays in `open` until its own queries are over.
+    by_key: FxHashMap<LookupKey, LookupId>,
+    /// Ids in creation order, for eviction; ids of lookups closed since are skipped then.
+    order: VecDeque<LookupId>,
+    next_id: LookupId,
     configs: ResolverConfigs,
     idle_ns: u64,
     /// A lookup whose query was lost (evicted) is closed after this much silence anyway.
@@ -457,7 +555,11 @@ impl LookupTracker {
     ) -> Self {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         Self {
-            open: HashMap::new(),
+            open: FxHashMap::default(),
+            by_key: FxHashMap::default(),
+            order: VecDeque::new(),
+            // 0 is never an id: a query that opened no lookup carries it.
+            next_id: 1,
             configs,
             idle_ns: ns(idle),
             stale_ns: ns(query_timeout).saturating_add(ns(idle)),
@@ -483,18 +585,20 @@ impl LookupTracker {
         self.configs.prune(grace);
     }
 
+    /// The lookup key of a query name, its lower-case form, and the resolver configuration
+    /// that tells expansions apart.
     fn key_for(
         &mut self,
         pid: Option<u32>,
         cgroup_id: u64,
         cgroup_path: Option<&str>,
         qname: &str,
-    ) -> (LookupKey, Option<Arc<ResolverConfig>>) {
+    ) -> (LookupKey, String, Option<Arc<ResolverConfig>>) {
         let qname_lower = qname.to_ascii_lowercase();
         let cfg = self.configs.get(pid, cgroup_id, cgroup_path);
         let name = match &cfg {
             Some(cfg) => cfg.split(&qname_lower).0.to_owned(),
-            None => qname_lower,
+            None => qname_lower.clone(),
         };
         (
             LookupKey {
@@ -502,54 +606,61 @@ impl LookupTracker {
                 cgroup_id,
                 name,
             },
+            qname_lower,
             cfg,
         )
     }
 
-    /// A query began: it opens its lookup or joins it.
+    /// A query began: it opens its lookup or joins it. Returns the lookup's id, which the
+    /// query carries (`Sender::lookup`) to [`Self::query_finished`].
     pub fn query_started(
         &mut self,
         ts_ns: u64,
         qname: &str,
+        qtype: u16,
         sender: &crate::correlate::Sender,
         out: &mut Vec<LookupRecord>,
-    ) {
-        let (pid, cgroup_id) = (sender.pid, sender.cgroup_id);
+    ) -> LookupId {
         let cgroup_path = sender.cgroup_path.as_deref();
-        let comm = sender.comm.as_deref();
-        let (key, resolver) = self.key_for(pid, cgroup_id, cgroup_path, qname);
-        if !self.open.contains_key(&key) && self.open.len() >= self.max_open {
+        let (key, qname_lower, resolver) =
+            self.key_for(sender.pid, sender.cgroup_id, cgroup_path, qname);
+        if let Some(&id) = self.by_key.get(&key) {
+            if let Some(lookup) = self.open.get_mut(&id) {
+                let full = lookup.queries.len() + lookup.pending as usize >= MAX_QUERIES_PER_LOOKUP;
+                // Nothing in flight, every question answered for good, and this very question
+                // asked again: the program called its resolver anew.
+                let new_call = lookup.pending == 0
+                    && lookup.settled
+                    && lookup.answered_before(&qname_lower, qtype, ts_ns);
+                if !full && !new_call {
+                    lookup.pending += 1;
+                    lookup.first_send_ns = lookup.first_send_ns.min(ts_ns);
+                    lookup.last_activity_ns = lookup.last_activity_ns.max(ts_ns);
+                    return id;
+                }
+                if full {
+                    self.stats.capped += 1;
+                }
+                // Taken out of the key map: it closes once idle, like any other.
+                self.by_key.remove(&key);
+            }
+        }
+        if self.open.len() >= self.max_open {
             self.evict_oldest(out);
         }
-        let lookup = self.open.entry(key.clone()).or_insert_with(|| OpenLookup {
-            name: key.name.clone(),
-            resolver,
-            first_send_ns: ts_ns,
-            last_activity_ns: ts_ns,
-            pending: 0,
-            settled: true,
-            queries: Vec::new(),
-            late: Vec::new(),
-            pid,
-            comm: comm.map(str::to_owned),
-            cgroup_id,
-            cgroup_path: cgroup_path.map(str::to_owned),
-            workload: sender.workload.clone(),
-        });
-        lookup.pending += 1;
-        lookup.first_send_ns = lookup.first_send_ns.min(ts_ns);
-        lookup.last_activity_ns = lookup.last_activity_ns.max(ts_ns);
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut lookup = OpenLookup::new(key.clone(), resolver, ts_ns, sender);
+        lookup.pending = 1;
+        self.open.insert(id, lookup);
+        self.by_key.insert(key, id);
+        self.order.push_back(id);
+        id
     }
 
     /// A query ended (answered or timed out).
     pub fn query_finished(&mut self, query: FinishedQuery, now_ns: u64) {
-        let (key, _) = self.key_for(
-            query.sender.pid,
-            query.sender.cgroup_id,
-            query.sender.cgroup_path.as_deref(),
-            &query.qname,
-        );
-        let Some(lookup) = self.open.get_mut(&key) else {
+        let Some(lookup) = self.open.get_mut(&query.sender.lookup) else {
             // Its lookup was evicted; the query record itself was still written.
             return;
         };
@@ -557,15 +668,14 @@ impl LookupTracker {
         lookup.last_activity_ns = lookup
             .last_activity_ns
             .max(query.response_ts_ns.unwrap_or(now_ns));
-        lookup.queries.push(query);
-        lookup.settled = settled(&lookup.queries);
+        lookup.add(query);
     }
 
     /// A response or drop that came too late for its query. Returns it back when no lookup is
     /// open for it any more.
     pub fn late_arrival(&mut self, late: LateArrival) -> Option<LateArrival> {
-        let (key, _) = self.key_for(late.pid, late.cgroup_id, None, &late.qname);
-        match self.open.get_mut(&key) {
+        let (key, _, _) = self.key_for(late.pid, late.cgroup_id, None, &late.qname);
+        match self.by_key.get(&key).and_then(|id| self.open.get_mut(id)) {
             Some(lookup) => {
                 lookup.late.push(late);
                 None
@@ -583,7 +693,7 @@ impl LookupTracker {
         // lookup is over, whatever the last answer was.
         let alive =
             |pid: Option<u32>| pid.is_none_or(|pid| proc_root.join(pid.to_string()).exists());
-        let done: Vec<LookupKey> = self
+        let done: Vec<LookupId> = self
             .open
             .iter()
             .filter(|(_, l)| {
@@ -600,44 +710,49 @@ impl LookupTracker {
                 l.settled
                     || now_ns.saturating_sub(l.first_send_ns)
                         >= l.patience_ns().saturating_add(idle_ns)
-                    || !alive(l.pid)
+                    || !alive(l.key.pid)
             })
-            .map(|(k, _)| k.clone())
+            .map(|(id, _)| *id)
             .collect();
-        for key in done {
-            if let Some(lookup) = self.open.remove(&key) {
-                if let Some(record) = self.finish(lookup) {
-                    out.push(record);
-                }
-            }
+        for id in done {
+            self.close(id, out);
+        }
+        // Closed ids linger in the eviction order until they reach its front; drop them once
+        // they outnumber the open lookups, so the order stays proportional to what is open.
+        if self.order.len() > 2 * self.open.len() + 1024 {
+            let open = &self.open;
+            self.order.retain(|id| open.contains_key(id));
         }
     }
 
     /// Ends every open lookup (at shutdown).
     pub fn close_all(&mut self, out: &mut Vec<LookupRecord>) {
-        let all: Vec<LookupKey> = self.open.keys().cloned().collect();
-        for key in all {
-            if let Some(lookup) = self.open.remove(&key) {
-                if let Some(record) = self.finish(lookup) {
-                    out.push(record);
-                }
-            }
+        let all: Vec<LookupId> = self.order.drain(..).collect();
+        for id in all {
+            self.close(id, out);
         }
     }
 
+    fn close(&mut self, id: LookupId, out: &mut Vec<LookupRecord>) {
+        let Some(lookup) = self.open.remove(&id) else {
+            return;
+        };
+        if self.by_key.get(&lookup.key) == Some(&id) {
+            self.by_key.remove(&lookup.key);
+        }
+        if let Some(record) = self.finish(lookup) {
+            out.push(record);
+        }
+    }
+
+    /// Closes the oldest open lookup to make room.
     fn evict_oldest(&mut self, out: &mut Vec<LookupRecord>) {
-        let oldest = self
-            .open
-            .iter()
-            .min_by_key(|(_, l)| l.last_activity_ns)
-            .map(|(k, _)| k.clone());
-        if let Some(key) = oldest {
-            if let Some(lookup) = self.open.remove(&key) {
+        while let Some(id) = self.order.pop_front() {
+            if self.open.contains_key(&id) {
                 self.stats.evicted += 1;
                 // Reported early rather than lost: what it holds so far is still true.
-                if let Some(record) = self.finish(lookup) {
-                    out.push(record);
-                }
+                self.close(id, out);
+                return;
             }
         }
     }
@@ -663,7 +778,7 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
     let queries = &lookup.queries;
     let expansions: Vec<&FinishedQuery> = queries
         .iter()
-        .filter(|q| is_expansion(&lookup.name, q))
+        .filter(|q| is_expansion(lookup.name(), q))
         .collect();
     // The decisive answer: the last one that carried data, else the last response of all.
     let with_answers = queries
@@ -740,15 +855,15 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
     LookupRecord {
         event: "lookup",
         time_ns: lookup.first_send_ns,
-        name: lookup.name.clone(),
+        name: lookup.key.name.clone(),
         duration_ns,
         queries: queries.len(),
         search_expansions: expansions.len(),
         final_rcode: final_rcode.map(rcode_name),
         answers,
-        pid: lookup.pid,
+        pid: lookup.key.pid,
         comm: lookup.comm.clone(),
-        cgroup_id: lookup.cgroup_id,
+        cgroup_id: lookup.key.cgroup_id,
         cgroup_path: lookup.cgroup_path.clone(),
         workload: lookup.workload.clone(),
         resolver: lookup.resolver.clone(),
@@ -771,12 +886,12 @@ fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
     // search_list_expansion: names built from the search list before (or instead of) the name.
     let expansions: Vec<&FinishedQuery> = queries
         .iter()
-        .filter(|q| is_expansion(&lookup.name, q))
+        .filter(|q| is_expansion(lookup.name(), q))
         .collect();
     if !expansions.is_empty() {
         let first_own = queries
             .iter()
-            .filter(|q| !is_expansion(&lookup.name, q))
+            .filter(|q| !is_expansion(lookup.name(), q))
             .map(|q| q.first_send_ns())
             .min();
         let exp_end = expansions
@@ -805,7 +920,7 @@ fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
                 "{} of {} queries were search-list expansions of {} ({} names{}); they cost {} before the name itself was asked",
                 expansions.len(),
                 queries.len(),
-                lookup.name,
+                lookup.name(),
                 names.len(),
                 ndots.map(|n| format!(", ndots:{n}")).unwrap_or_default(),
                 ms(cost)
@@ -1176,6 +1291,7 @@ mod tests {
             cgroup_id: 99,
             cgroup_path: Some("/pod".into()),
             workload: None,
+            lookup: 0,
         }
     }
 
@@ -1215,26 +1331,29 @@ mod tests {
     }
 
     fn lookup(name: &str, queries: Vec<FinishedQuery>) -> OpenLookup {
-        OpenLookup {
-            name: name.into(),
-            resolver: Some(Arc::new(ResolverConfig {
-                search: vec!["ns1.svc.cluster.local.".into()],
-                ndots: 5,
-                timeout_s: 5,
-                attempts: 2,
-            })),
-            first_send_ns: queries.iter().map(|q| q.first_send_ns()).min().unwrap(),
-            last_activity_ns: 0,
-            pending: 0,
-            settled: settled(&queries),
-            queries,
-            late: Vec::new(),
+        let key = LookupKey {
             pid: Some(7),
-            comm: Some("gai-musl".into()),
             cgroup_id: 99,
-            cgroup_path: Some("/pod".into()),
-            workload: None,
+            name: name.into(),
+        };
+        let resolver = Some(Arc::new(ResolverConfig {
+            search: vec!["ns1.svc.cluster.local.".into()],
+            ndots: 5,
+            timeout_s: 5,
+            attempts: 2,
+        }));
+        let first = queries.iter().map(|q| q.first_send_ns()).min().unwrap();
+        let mut l = OpenLookup::new(key, resolver, first, &sender());
+        l.last_activity_ns = 0;
+        let expected = settled(&queries);
+        for q in queries {
+            l.add(q);
         }
+        assert_eq!(
+            l.settled, expected,
+            "incremental and recomputed settled differ"
+        );
+        l
     }
 
     fn codes(record: &LookupRecord) -> Vec<&'static str> {
@@ -1493,16 +1612,27 @@ mod tests {
         );
         let mut out = Vec::new();
         let exp = "www.example.com.ns1.svc.cluster.local.";
-        t.query_started(0, exp, &sender(), &mut out);
-        t.query_started(0, "other.example.", &sender(), &mut out);
-        t.query_finished(query(exp, 1, 1, &[0], Some(MS), Some(3)), MS);
-        t.query_started(2 * MS, "www.example.com.", &sender(), &mut out);
+        let first = t.query_started(0, exp, 1, &sender(), &mut out);
+        let other = t.query_started(0, "other.example.", 1, &sender(), &mut out);
+        assert_ne!(first, other);
+        t.query_finished(
+            with_lookup(query(exp, 1, 1, &[0], Some(MS), Some(3)), first),
+            MS,
+        );
+        let own = t.query_started(2 * MS, "www.example.com.", 1, &sender(), &mut out);
+        assert_eq!(
+            own, first,
+            "the expansion and the name itself are one lookup"
+        );
         assert_eq!(t.open_lookups(), 2);
         // Still pending: not closed however long it waits for idle.
         t.close_idle(100 * MS, &mut out);
         assert!(out.is_empty());
         t.query_finished(
-            query("www.example.com.", 1, 3, &[2 * MS], Some(3 * MS), Some(0)),
+            with_lookup(
+                query("www.example.com.", 1, 3, &[2 * MS], Some(3 * MS), Some(0)),
+                own,
+            ),
             3 * MS,
         );
         t.close_idle(3 * MS + 499 * MS, &mut out);
@@ -1521,5 +1651,122 @@ mod tests {
         );
         assert_eq!(t.open_lookups(), 0);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn with_lookup(mut q: FinishedQuery, id: LookupId) -> FinishedQuery {
+        q.sender.lookup = id;
+        q
+    }
+
+    fn tracker(max_open: usize) -> LookupTracker {
+        let missing = std::env::temp_dir().join("dnsprobe-lookup-test-missing");
+        LookupTracker::new(
+            ResolverConfigs::new(missing.clone(), missing),
+            Duration::from_millis(500),
+            Duration::from_secs(10),
+            max_open,
+            CFG,
+        )
+    }
+
+    #[test]
+    fn asking_an_answered_question_again_is_a_new_lookup() {
+        let mut t = tracker(16);
+        let mut out = Vec::new();
+        let a = t.query_started(0, "db.example.", 1, &sender(), &mut out);
+        t.query_finished(
+            with_lookup(query("db.example.", 1, 1, &[0], Some(MS), Some(0)), a),
+            MS,
+        );
+        let b = t.query_started(2 * MS, "db.example.", 1, &sender(), &mut out);
+        assert_ne!(a, b, "a settled lookup took a new resolver call");
+        t.query_finished(
+            with_lookup(
+                query("db.example.", 1, 2, &[2 * MS], Some(3 * MS), Some(0)),
+                b,
+            ),
+            3 * MS,
+        );
+        t.close_idle(1_000 * MS, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|r| r.queries == 1));
+    }
+
+    #[test]
+    fn a_resend_while_another_question_is_pending_stays_in_the_lookup() {
+        // glibc sends A and AAAA together; the AAAA is lost, and after its timeout glibc
+        // sends both again: one lookup of four queries, not two.
+        let mut t = tracker(16);
+        let mut out = Vec::new();
+        let a = t.query_started(0, "db.example.", 1, &sender(), &mut out);
+        let aaaa = t.query_started(0, "db.example.", 28, &sender(), &mut out);
+        assert_eq!(a, aaaa);
+        t.query_finished(
+            with_lookup(query("db.example.", 1, 1, &[0], Some(MS), Some(0)), a),
+            MS,
+        );
+        let again = t.query_started(5_000 * MS, "db.example.", 1, &sender(), &mut out);
+        assert_eq!(again, a, "split while a question was still pending");
+    }
+
+    #[test]
+    fn a_client_asking_without_pause_makes_bounded_lookups() {
+        let mut t = tracker(16);
+        let mut out = Vec::new();
+        let mut ids = std::collections::BTreeSet::new();
+        // A load generator: always some query of the name in flight.
+        let mut pending = Vec::new();
+        for i in 0..(3 * MAX_QUERIES_PER_LOOKUP as u64) {
+            let id = t.query_started(i * MS, "load.example.", 1, &sender(), &mut out);
+            ids.insert(id);
+            pending.push((i, id));
+            if pending.len() > 8 {
+                let (j, id) = pending.remove(0);
+                t.query_finished(
+                    with_lookup(
+                        query(
+                            "load.example.",
+                            1,
+                            j as u16,
+                            &[j * MS],
+                            Some(j * MS + 1),
+                            Some(0),
+                        ),
+                        id,
+                    ),
+                    j * MS + 1,
+                );
+            }
+        }
+        assert!(ids.len() >= 3, "one endless lookup: {ids:?}");
+        assert!(t.stats().capped >= 2);
+        t.close_all(&mut out);
+        assert!(out.iter().all(|r| r.queries <= MAX_QUERIES_PER_LOOKUP));
+        assert_eq!(t.open_lookups(), 0);
+    }
+
+    #[test]
+    fn the_oldest_lookup_is_evicted_at_the_cap() {
+        let mut t = tracker(4);
+        let mut out = Vec::new();
+        let mut ids = Vec::new();
+        for i in 0..4u64 {
+            let name = format!("n{i}.example.");
+            let id = t.query_started(i * MS, &name, 1, &sender(), &mut out);
+            t.query_finished(
+                with_lookup(query(&name, 1, i as u16, &[i * MS], None, None), id),
+                i * MS,
+            );
+            ids.push(id);
+        }
+        // Closed lookups leave stale ids in the order; eviction skips them.
+        t.close(ids[0], &mut out);
+        out.clear();
+        t.query_started(10 * MS, "n4.example.", 1, &sender(), &mut out);
+        t.query_started(11 * MS, "n5.example.", 1, &sender(), &mut out);
+        assert_eq!(t.stats().evicted, 1);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].name, "n1.example.");
+        assert_eq!(t.open_lookups(), 4);
     }
 }

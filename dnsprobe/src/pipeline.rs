@@ -179,7 +179,7 @@ impl Pipeline {
         let observed = self.tracker.observe(packet, |p| {
             let cgroup_path = paths.resolve(p.cgroup_id);
             let workload = attributor.workload(p.cgroup_id, cgroup_path.as_deref());
-            let sender = Sender {
+            let mut sender = Sender {
                 pid: p.pid,
                 tid: p.tid,
                 // The process may be gone already; its sending thread's name is the next best.
@@ -191,8 +191,15 @@ impl Pipeline {
                 cgroup_id: p.cgroup_id,
                 cgroup_path,
                 workload,
+                lookup: 0,
             };
-            lookups.query_started(p.ts_ns, &p.message.question.name, &sender, lookup_out);
+            sender.lookup = lookups.query_started(
+                p.ts_ns,
+                &p.message.question.name,
+                p.message.question.qtype,
+                &sender,
+                lookup_out,
+            );
             sender
         });
         match observed {
@@ -376,7 +383,7 @@ impl Pipeline {
              unmatched_responses={} evicted={} malformed={} partial={} kernel_events={} \
              lost_events={} lost_query_events={} lost_response_events={} unparseable_packets={} kernel_drops={} lost_drop_events={} \
              drops_linked={} drops_unlinked={} malformed_drops={} netns_known={} \
-             late_arrivals={} recent_queries={} lookups={} lookups_open={} lookups_evicted={} \
+             late_arrivals={} recent_queries={} lookups={} lookups_open={} lookups_evicted={} lookups_capped={} \
              cgroups_known={} cgroup_walks={} processes_known={} resolver_configs={} \
              workloads_known={} pod_dir_entries={} pod_dir_scans={} pod_dir_evictions={}",
             t.queries,
@@ -406,6 +413,7 @@ impl Pipeline {
             self.lookups.stats().lookups,
             self.lookups.open_lookups(),
             self.lookups.stats().evicted,
+            self.lookups.stats().capped,
             self.paths.len(),
             self.paths.walks(),
             self.names.len(),
