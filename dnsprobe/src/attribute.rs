@@ -2,12 +2,14 @@
 //! directories, so a walk of the hierarchy maps ids to paths.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
+
+use foldhash::{HashMap, HashMapExt as _};
 
 /// Who sent a query, in Kubernetes terms, as far as the node can tell.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]

@@ -5,10 +5,9 @@
 //! resends. The first response that matches ends it. Pending state is bounded: beyond
 //! `max_inflight` the oldest query is evicted and counted.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddr,
-};
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use crate::decode::{Direction, Packet, Transport};
 

@@ -7,7 +7,7 @@
 //! process has asked nothing more about the name for `idle`.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     fs,
     net::SocketAddr,
     path::PathBuf,
@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rustc_hash::FxHashMap;
+use foldhash::{HashMap, HashMapExt as _};
 use serde::Serialize;
 use serde_json::json;
 
@@ -529,10 +529,10 @@ pub const MAX_QUERIES_PER_LOOKUP: usize = 256;
 pub type LookupId = u64;
 
 pub struct LookupTracker {
-    open: FxHashMap<LookupId, OpenLookup>,
+    open: HashMap<LookupId, OpenLookup>,
     /// The lookup new queries of a process and asked name join. A lookup taken out of here
     /// (a new resolver call began) stays in `open` until its own queries are over.
-    by_key: FxHashMap<LookupKey, LookupId>,
+    by_key: HashMap<LookupKey, LookupId>,
     /// Ids in creation order, for eviction; ids of lookups closed since are skipped then.
     order: VecDeque<LookupId>,
     next_id: LookupId,
@@ -555,8 +555,8 @@ impl LookupTracker {
     ) -> Self {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         Self {
-            open: FxHashMap::default(),
-            by_key: FxHashMap::default(),
+            open: HashMap::new(),
+            by_key: HashMap::new(),
             order: VecDeque::new(),
             // 0 is never an id: a query that opened no lookup carries it.
             next_id: 1,

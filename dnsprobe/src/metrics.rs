@@ -19,7 +19,7 @@
 
 use std::{
     borrow::Cow,
-    collections::{hash_map::Entry, HashMap, HashSet},
+    collections::{hash_map::Entry, HashSet},
     fmt,
     future::Future,
     io,
@@ -28,6 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use foldhash::{HashMap, HashMapExt as _};
 use hickory_proto::rr::RecordType;
 use prometheus_client::{
     collector::Collector,
