@@ -3,8 +3,9 @@
 //! It builds its own world (two network namespaces joined by a veth pair, unbound in the
 //! server namespace, dnsperf in the client namespace), measures each figure against a baseline
 //! taken in the same run, prints a table and writes it with the machine and commit to
-//! `target/bench/`. Everything it creates (namespaces, processes, the temp dir, sysctls) is
-//! owned by a guard whose `Drop` removes it, also on error, panic and Ctrl-C.
+//! `target/bench/`. Everything it creates (namespaces, processes, the temp dir, sysctls, the
+//! part 2 floor programs) is owned by a guard whose `Drop` removes it, also on error, panic and
+//! Ctrl-C.
 
 use std::{
     fmt::Write as _,
@@ -43,9 +44,12 @@ pub struct BenchArgs {
     /// dnsperf clients (sockets) per run.
     #[arg(long, default_value_t = 4)]
     clients: u32,
-    /// Which parts to run (1: load, 2: non-DNS traffic, 3: memory bound).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    /// Which parts to run (1: load, 2: non-DNS traffic, 3: memory bound, 4: soak).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     parts: Vec<u32>,
+    /// Length of the part 4 soak in seconds (default 600; 60 with --quick).
+    #[arg(long, value_name = "SECS")]
+    soak_secs: Option<u64>,
     /// Seconds of fuzzing the `pipeline` target after the benchmarks (0: none).
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub fuzz: u32,
@@ -66,6 +70,12 @@ const UNANSWERED_QUERIES: u32 = 100_000;
 const UNANSWERED_RATE: u32 = 20_000;
 const RSS_BOUND_KIB: u64 = 64 * 1024;
 const SMALL_INFLIGHT: u32 = 10_000;
+/// Part 4: the query rate of the soak, how far RSS may stray from its value after the
+/// warm-up, and the longest warm-up and sampling interval.
+const SOAK_RATE: u32 = 5_000;
+const SOAK_RSS_TOLERANCE: f64 = 0.10;
+const SOAK_MAX_WARMUP: Duration = Duration::from_secs(60);
+const SOAK_MAX_INTERVAL: Duration = Duration::from_secs(10);
 /// The names unbound serves and dnsperf asks.
 const ZONE: &str = "bench.test.";
 const NAMES: u32 = 64;
@@ -475,16 +485,22 @@ fn clk_tck() -> f64 {
     }
 }
 
-/// VmHWM (peak RSS) in KiB.
-fn peak_rss_kib(pid: i32) -> Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+/// A `kB` field of /proc/<pid>/status (`VmHWM`, `VmRSS`), in KiB.
+fn status_kib(pid: i32, key: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
-        .context("no VmHWM")?
+        .with_context(|| format!("no {key} in {path}"))?
         .parse()
-        .context("VmHWM")
+        .with_context(|| format!("{key} in {path}"))
+}
+
+/// VmHWM (peak RSS) in KiB.
+fn peak_rss_kib(pid: i32) -> Result<u64> {
+    status_kib(pid, "VmHWM")
 }
 
 /// `key=value` from the daemon's `summary:` line.
@@ -632,6 +648,17 @@ struct Perf {
 }
 
 fn dnsperf(w: &World, qfile: &Path, secs: u64, rate: Option<u32>, clients: u32) -> Result<Perf> {
+    let p = spawn_dnsperf(w, qfile, secs, rate, clients)?;
+    finish_dnsperf(p, secs)
+}
+
+fn spawn_dnsperf(
+    w: &World,
+    qfile: &Path,
+    secs: u64,
+    rate: Option<u32>,
+    clients: u32,
+) -> Result<Proc> {
     let mut cmd = w.exec(&w.cli, "dnsperf");
     cmd.args(["-s", &w.srv_ip, "-l", &secs.to_string()])
         .args(["-c", &clients.to_string(), "-q", "1000"])
@@ -640,7 +667,11 @@ fn dnsperf(w: &World, qfile: &Path, secs: u64, rate: Option<u32>, clients: u32) 
     if let Some(r) = rate {
         cmd.args(["-Q", &r.to_string()]);
     }
-    let mut p = Proc::spawn("dnsperf", &mut cmd)?;
+    Proc::spawn("dnsperf", &mut cmd)
+}
+
+/// Waits for a dnsperf run of `secs` seconds to end and reads its totals.
+fn finish_dnsperf(mut p: Proc, secs: u64) -> Result<Perf> {
     let st = p.wait(Duration::from_secs(secs + 60))?;
     let out = p.lines(false).join("\n");
     if !st.success() {
@@ -680,21 +711,26 @@ fn rate_label(rate: Option<u32>) -> String {
     }
 }
 
+/// dnsperf's query file: the names unbound serves, in turn.
+fn write_query_file(dir: &Path) -> Result<PathBuf> {
+    let qfile = dir.join("queries.txt");
+    let mut q = String::new();
+    for i in 0..NAMES {
+        let _ = writeln!(q, "n{i}.{ZONE} A");
+    }
+    fs::write(&qfile, q).with_context(|| format!("writing {}", qfile.display()))?;
+    Ok(qfile)
+}
+
 fn part1(
     w: &World,
-    dir: &Path,
+    qfile: &Path,
     daemon: &Path,
     rates: &[Option<u32>],
     secs: u64,
     clients: u32,
     out: &mut String,
 ) -> Result<()> {
-    let qfile = dir.join("queries.txt");
-    let mut q = String::new();
-    for i in 0..NAMES {
-        let _ = writeln!(q, "n{i}.{ZONE} A");
-    }
-    fs::write(&qfile, q)?;
     let mut rows = Vec::new();
     for &rate in rates {
         let mut base_qps = 0.0;
@@ -709,7 +745,7 @@ fn part1(
                 Some(r) => cpu_ticks(r.proc.pid())?,
                 None => 0,
             };
-            let perf = dnsperf(w, &qfile, secs, rate, clients)?;
+            let perf = dnsperf(w, qfile, secs, rate, clients)?;
             // Let the observer drain what the last answers produced.
             sleep(Duration::from_millis(500))?;
             let obs = running.map(|r| finish_observer(r, t0)).transpose()?;
@@ -981,7 +1017,15 @@ pub fn bench(args: &BenchArgs, root: &Path, daemon: &Path) -> Result<()> {
     }
     install_signal_handlers();
     let secs = args.duration.unwrap_or(if args.quick { 3 } else { 10 });
+    let soak_secs = args.soak_secs.unwrap_or(if args.quick { 60 } else { 600 });
     let rates = parse_rates(&args.rates)?;
+    if let Some(p) = args.parts.iter().find(|p| !(1..=4).contains(*p)) {
+        bail!("--parts: there is no part {p} (parts are 1 to 4)");
+    }
+    // Fewer than 10 s leaves no room for a warm-up and several samples after it.
+    if args.parts.contains(&4) && soak_secs < 10 {
+        bail!("--soak-secs: at least 10 (to skip the soak, leave 4 out of --parts)");
+    }
     let dir = TempDir(std::env::temp_dir().join(format!("dnsprobe-bench-{}", std::process::id())));
     fs::create_dir_all(&dir.0)?;
     let world = World::new().context("building the namespaces")?;
@@ -994,18 +1038,23 @@ pub fn bench(args: &BenchArgs, root: &Path, daemon: &Path) -> Result<()> {
         std::env::args().skip(2).collect::<Vec<_>>().join(" ")
     );
 
-    if args.parts.contains(&1) {
-        let unbound = start_unbound(&world, &dir.0)?;
+    // Parts 1 and 4 query unbound; it stays up (idle) through parts 2 and 3 in between, which
+    // use other ports and addresses.
+    let unbound = if args.parts.contains(&1) || args.parts.contains(&4) {
+        Some((start_unbound(&world, &dir.0)?, write_query_file(&dir.0)?))
+    } else {
+        None
+    };
+    if let (true, Some((_, qfile))) = (args.parts.contains(&1), &unbound) {
         part1(
             &world,
-            &dir.0,
+            qfile,
             daemon,
             &rates,
             secs,
             args.clients,
             &mut report,
         )?;
-        drop(unbound);
     }
     if args.parts.contains(&2) {
         part2(&world, daemon, secs, &mut report)?;
@@ -1013,6 +1062,10 @@ pub fn bench(args: &BenchArgs, root: &Path, daemon: &Path) -> Result<()> {
     if args.parts.contains(&3) {
         part3(&world, daemon, &mut report)?;
     }
+    if let (true, Some((_, qfile))) = (args.parts.contains(&4), &unbound) {
+        part4(&world, qfile, daemon, soak_secs, args.clients, &mut report)?;
+    }
+    drop(unbound);
 
     println!("{report}");
     let out_dir = root.join("target").join("bench");
@@ -1062,54 +1115,468 @@ fn iperf(w: &World, secs: u64, udp64: bool) -> Result<f64> {
     }
 }
 
-/// Sum of run_time_ns and run_cnt of the daemon's cgroup_skb programs (bpftool text). This
-/// bpftool shows no owning pids, so the newest `dns_egress` and `dns_ingress` are taken: the
-/// daemon started last (the machine must be quiet: no other dnsprobe starting meanwhile).
-fn prog_stats() -> Result<(u64, u64)> {
+/// One program of `bpftool prog show` with its cumulative bpf_stats counters.
+#[derive(Debug, Clone)]
+struct ProgStat {
+    id: u32,
+    kind: String,
+    name: String,
+    run_time_ns: u64,
+    run_cnt: u64,
+}
+
+/// Every loaded program with its counters, from one `bpftool prog show`, so that the daemon's
+/// programs and the floor are read at the same instant and the same way.
+fn prog_snapshot() -> Result<Vec<ProgStat>> {
     let text = sh(Command::new("bpftool").args(["prog", "show"]))?;
-    // name -> (id, run_time_ns, run_cnt) of the highest id.
-    let mut newest: Vec<(&str, u64, u64, u64)> = Vec::new();
-    for head in text.lines().filter(|l| l.contains("cgroup_skb")) {
+    Ok(parse_prog_show(&text))
+}
+
+/// Parses bpftool's text: each program starts with a line `ID: TYPE  name NAME ... run_time_ns
+/// N run_cnt N` (the counters only once the program has run with stats on), followed by
+/// indented detail lines.
+fn parse_prog_show(text: &str) -> Vec<ProgStat> {
+    let mut progs = Vec::new();
+    for head in text.lines() {
         let t: Vec<&str> = head.split_whitespace().collect();
-        let field = |k: &str| {
-            t.iter()
-                .position(|x| *x == k)
-                .and_then(|i| t.get(i + 1)?.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let Some(name) = t
-            .iter()
-            .position(|x| *x == "name")
-            .and_then(|i| t.get(i + 1).copied())
+        let Some(id) = t
+            .first()
+            .and_then(|x| x.strip_suffix(':'))
+            .and_then(|x| x.parse().ok())
         else {
             continue;
         };
-        if name != "dns_egress" && name != "dns_ingress" {
+        let after = |k: &str| t.iter().position(|x| *x == k).and_then(|i| t.get(i + 1));
+        let count = |k: &str| after(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        progs.push(ProgStat {
+            id,
+            kind: t.get(1).copied().unwrap_or_default().to_owned(),
+            name: after("name").copied().unwrap_or_default().to_owned(),
+            run_time_ns: count("run_time_ns"),
+            run_cnt: count("run_cnt"),
+        });
+    }
+    progs
+}
+
+/// Ids of the BPF programs a process holds: the `prog_id:` lines of /proc/<pid>/fdinfo, which
+/// the kernel writes for every program and link fd. This bpftool shows no owning pids, and
+/// another dnsprobe (a test, another bench) may have loaded programs of the same names.
+fn held_prog_ids(pid: i32) -> Result<Vec<u32>> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+        // An fd closed since the listing is simply not one of them.
+        let Ok(text) = fs::read_to_string(entry?.path()) else {
             continue;
-        }
-        let id = t
-            .first()
-            .and_then(|x| x.trim_end_matches(':').parse().ok())
-            .unwrap_or(0);
-        let entry = (name, id, field("run_time_ns"), field("run_cnt"));
-        match newest.iter_mut().find(|e| e.0 == name) {
-            Some(e) if e.1 < id => *e = entry,
-            Some(_) => {}
-            None => newest.push(entry),
+        };
+        ids.extend(
+            text.lines()
+                .filter_map(|l| l.strip_prefix("prog_id:"))
+                .filter_map(|v| v.trim().parse::<u32>().ok()),
+        );
+    }
+    Ok(ids)
+}
+
+/// The id of the daemon's `cgroup_skb` program called `name`: the one it holds, else (if its
+/// fds tell nothing) the newest of that name, which is the daemon's only if no other dnsprobe
+/// started meanwhile.
+fn daemon_cgroup_skb(progs: &[ProgStat], held: &[u32], name: &str) -> Result<u32> {
+    let named = || {
+        progs
+            .iter()
+            .filter(|p| p.kind == "cgroup_skb" && p.name == name)
+    };
+    if let Some(p) = named().find(|p| held.contains(&p.id)) {
+        return Ok(p.id);
+    }
+    let id = named()
+        .map(|p| p.id)
+        .max()
+        .with_context(|| format!("no cgroup_skb program `{name}` in `bpftool prog show`"))?;
+    eprintln!(
+        "xtask: bench: part 2: the daemon holds no fd of `{name}`; taking the newest (id {id})"
+    );
+    Ok(id)
+}
+
+/// Run time and runs of one program between two snapshots.
+#[derive(Debug, Clone, Copy, Default)]
+struct Runs {
+    ns: u64,
+    cnt: u64,
+}
+
+impl Runs {
+    fn between(before: &[ProgStat], after: &[ProgStat], id: u32) -> Result<Runs> {
+        let find = |s: &[ProgStat]| {
+            s.iter()
+                .find(|p| p.id == id)
+                .cloned()
+                .with_context(|| format!("program {id} vanished from `bpftool prog show`"))
+        };
+        let (b, a) = (find(before)?, find(after)?);
+        Ok(Runs {
+            ns: a.run_time_ns.saturating_sub(b.run_time_ns),
+            cnt: a.run_cnt.saturating_sub(b.run_cnt),
+        })
+    }
+
+    fn add(self, o: Runs) -> Runs {
+        Runs {
+            ns: self.ns + o.ns,
+            cnt: self.cnt + o.cnt,
         }
     }
-    Ok(newest
-        .iter()
-        .fold((0, 0), |(ns, cnt), e| (ns + e.2, cnt + e.3)))
+
+    fn avg_ns(self) -> Option<f64> {
+        (self.cnt > 0).then(|| self.ns as f64 / self.cnt as f64)
+    }
+}
+
+/// Per direction (egress, ingress): the daemon's programs and the floor's.
+struct ProgCost {
+    daemon: [Runs; 2],
+    floor: [Runs; 2],
+}
+
+/// The mount point of cgroup v2, found as the daemon finds it (the first `cgroup2` entry of
+/// /proc/self/mountinfo), since the floor must sit on the same cgroup as the daemon's programs.
+fn cgroup2_root() -> Result<PathBuf> {
+    let info =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    info.lines()
+        .find_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            if post.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            pre.split_whitespace().nth(4).map(unescape_mountinfo)
+        })
+        .map(PathBuf::from)
+        .context("no cgroup2 mount in /proc/self/mountinfo")
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(d)) => {
+                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The part 2 floor: two `cgroup_skb` programs that only return 1 (egress and ingress), loaded
+/// and attached with the raw bpf(2) syscall so that xtask needs no eBPF crate or build step.
+/// Measured with bpf_stats beside the daemon's programs, they give what any cgroup_skb program
+/// costs per packet here (the call and the stats' own clock reads), against which the daemon's
+/// programs are judged.
+mod floor {
+    use std::{
+        fs, io, mem,
+        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        path::Path,
+    };
+
+    use anyhow::{bail, Context as _, Result};
+
+    // Values from include/uapi/linux/bpf.h. They are kernel ABI: enum values are only ever
+    // appended to, never renumbered, so hard-coding them is as safe as the headers.
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+    const BPF_CGROUP_INET_INGRESS: u32 = 0;
+    const BPF_CGROUP_INET_EGRESS: u32 = 1;
+
+    /// The size passed for every `union bpf_attr`. The kernel accepts any size: it copies
+    /// min(size, its own sizeof) bytes and rejects only non-zero bytes that it does not know,
+    /// so a zeroed 128-byte block holding the fields of one command at their uapi offsets is
+    /// valid for every kernel that has those fields (all fields used here exist since 5.7).
+    const ATTR_SIZE: usize = 128;
+
+    /// `struct bpf_insn`: opcode, then dst_reg in the low and src_reg in the high nibble (on a
+    /// little-endian machine), a 16-bit offset and a 32-bit immediate.
+    #[repr(C)]
+    struct Insn {
+        code: u8,
+        regs: u8,
+        off: i16,
+        imm: i32,
+    }
+
+    /// `r0 = 1; exit`: BPF_ALU64 | BPF_MOV | BPF_K with imm 1, then BPF_JMP | BPF_EXIT. A
+    /// cgroup_skb program returns 1 to let the packet pass, so the floor changes no traffic.
+    const PROGRAM: [Insn; 2] = [
+        Insn {
+            code: 0xb7,
+            regs: 0,
+            off: 0,
+            imm: 1,
+        },
+        Insn {
+            code: 0x95,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        },
+    ];
+
+    /// The BPF_PROG_LOAD member of `union bpf_attr`, up to `expected_attach_type`; the
+    /// `__aligned_u64` pointers are u64 here and fall on 8-byte offsets, so repr(C) lays the
+    /// fields out exactly as the uapi struct (checked by the size assertion below).
+    #[repr(C)]
+    struct ProgLoadAttr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+        /// prog_btf_fd and later fields: zero means "not used".
+        rest: [u8; ATTR_SIZE - 72],
+    }
+
+    /// The BPF_LINK_CREATE member; the command-specific union after `flags` stays zero (for a
+    /// cgroup: no relative program, no expected revision).
+    #[repr(C)]
+    struct LinkCreateAttr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        rest: [u8; ATTR_SIZE - 16],
+    }
+
+    /// The BPF_OBJ_GET_INFO_BY_FD member.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+        rest: [u8; ATTR_SIZE - 16],
+    }
+
+    /// The head of `struct bpf_prog_info`. The kernel fills only `info_len` bytes, so asking for
+    /// these 8 is enough to learn the id without mirroring the whole (growing) struct.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgInfoHead {
+        prog_type: u32,
+        id: u32,
+    }
+
+    const _: () = assert!(mem::size_of::<ProgLoadAttr>() == ATTR_SIZE);
+    const _: () = assert!(mem::size_of::<LinkCreateAttr>() == ATTR_SIZE);
+    const _: () = assert!(mem::size_of::<InfoAttr>() == ATTR_SIZE);
+    const _: () = assert!(mem::size_of::<Insn>() == 8);
+
+    /// bpf(2) with one of the attr structs above; the new fd (or 0) on success.
+    ///
+    /// # Safety
+    /// `attr` must be the struct that matches `cmd`, and every pointer in it must be valid for
+    /// the duration of the call.
+    unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
+        // SAFETY: per this function's contract; the kernel reads and writes at most
+        // size_of::<A>() bytes of `attr`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *mut A,
+                mem::size_of::<A>() as libc::c_long,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+
+    /// Takes ownership of an fd the kernel just returned.
+    fn owned(fd: libc::c_long) -> Result<OwnedFd> {
+        let raw = i32::try_from(fd).context("bpf(2) returned an fd out of range")?;
+        // SAFETY: the kernel returned this fd just now and nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    }
+
+    fn load(name: &str, attach_type: u32) -> Result<OwnedFd> {
+        let license = b"GPL\0";
+        let mut prog_name = [0u8; 16];
+        prog_name[..name.len()].copy_from_slice(name.as_bytes());
+        let mut log = vec![0u8; 64 * 1024];
+        // The first try has no log (the kernel's usual fast path); if it fails, the second asks
+        // for the verifier's log so that the error says why.
+        for log_level in [0u32, 1] {
+            let mut attr = ProgLoadAttr {
+                prog_type: BPF_PROG_TYPE_CGROUP_SKB,
+                insn_cnt: PROGRAM.len() as u32,
+                insns: PROGRAM.as_ptr() as u64,
+                license: license.as_ptr() as u64,
+                log_level,
+                log_size: if log_level > 0 { log.len() as u32 } else { 0 },
+                log_buf: if log_level > 0 {
+                    log.as_mut_ptr() as u64
+                } else {
+                    0
+                },
+                kern_version: 0,
+                prog_flags: 0,
+                prog_name,
+                prog_ifindex: 0,
+                expected_attach_type: attach_type,
+                rest: [0; ATTR_SIZE - 72],
+            };
+            // SAFETY: BPF_PROG_LOAD with its attr; PROGRAM, license and log outlive the call.
+            match unsafe { bpf(BPF_PROG_LOAD, &mut attr) } {
+                Ok(fd) => return owned(fd),
+                Err(e) if log_level > 0 => {
+                    let end = log.iter().position(|&c| c == 0).unwrap_or(log.len());
+                    let text = String::from_utf8_lossy(&log[..end]);
+                    return Err(e).with_context(|| {
+                        format!("BPF_PROG_LOAD of the floor `{name}`; verifier log:\n{text}")
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+        bail!("BPF_PROG_LOAD of the floor `{name}` failed")
+    }
+
+    fn prog_id(prog: &OwnedFd) -> Result<u32> {
+        let mut head = ProgInfoHead::default();
+        let mut attr = InfoAttr {
+            bpf_fd: prog.as_raw_fd() as u32,
+            info_len: mem::size_of::<ProgInfoHead>() as u32,
+            info: &mut head as *mut ProgInfoHead as u64,
+            rest: [0; ATTR_SIZE - 16],
+        };
+        // SAFETY: BPF_OBJ_GET_INFO_BY_FD with its attr; `head` outlives the call and is
+        // info_len bytes long.
+        unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }
+            .context("BPF_OBJ_GET_INFO_BY_FD on the floor program")?;
+        debug_assert_eq!(head.prog_type, BPF_PROG_TYPE_CGROUP_SKB);
+        Ok(head.id)
+    }
+
+    /// A BPF link, not BPF_PROG_ATTACH: links always attach in multi mode, so the floor sits
+    /// beside the daemon's programs whatever mode they used, and closing the link's fd (it is
+    /// never pinned) detaches it, so the kernel cleans up even if xtask is killed.
+    fn link(prog: &OwnedFd, cgroup: &fs::File, attach_type: u32) -> Result<OwnedFd> {
+        let mut attr = LinkCreateAttr {
+            prog_fd: prog.as_raw_fd() as u32,
+            target_fd: cgroup.as_raw_fd() as u32,
+            attach_type,
+            flags: 0,
+            rest: [0; ATTR_SIZE - 16],
+        };
+        // SAFETY: BPF_LINK_CREATE with its attr, which holds no pointers.
+        let fd = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }
+            .context("BPF_LINK_CREATE of the floor on the cgroup")?;
+        owned(fd)
+    }
+
+    /// One attached floor program. Field order is drop order: the link (detach) goes first,
+    /// then the program's last reference.
+    pub struct Prog {
+        pub id: u32,
+        _link: OwnedFd,
+        _prog: OwnedFd,
+    }
+
+    /// The egress and ingress floor programs, attached while this lives (RAII: dropping it,
+    /// also on error or panic, closes the fds and so detaches and unloads them).
+    pub struct Floor {
+        pub egress: Prog,
+        pub ingress: Prog,
+    }
+
+    impl Floor {
+        pub fn attach(cgroup: &Path) -> Result<Floor> {
+            let dir = fs::File::open(cgroup)
+                .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+            let one = |name: &str, attach_type: u32| -> Result<Prog> {
+                let prog = load(name, attach_type)?;
+                let id = prog_id(&prog)?;
+                let link = link(&prog, &dir, attach_type)
+                    .with_context(|| format!("{name} on {}", cgroup.display()))?;
+                Ok(Prog {
+                    id,
+                    _link: link,
+                    _prog: prog,
+                })
+            };
+            Ok(Floor {
+                egress: one("dpb_floor_eg", BPF_CGROUP_INET_EGRESS)?,
+                ingress: one("dpb_floor_in", BPF_CGROUP_INET_INGRESS)?,
+            })
+        }
+    }
+}
+
+/// The run with bpf_stats on: the same daemon (still running after the ratio run) and the
+/// floor attached beside it, under the 64-byte UDP flood. A run of its own, because the stats
+/// and the floor slow the traffic and must not bias the throughput ratio.
+fn prog_cost(w: &World, daemon_pid: i32, cgroup: &Path, secs: u64) -> Result<ProgCost> {
+    // Resolved before the flood, so that a missing program fails fast.
+    let snap = prog_snapshot()?;
+    let held = held_prog_ids(daemon_pid)?;
+    let daemon_ids = [
+        daemon_cgroup_skb(&snap, &held, "dns_egress")?,
+        daemon_cgroup_skb(&snap, &held, "dns_ingress")?,
+    ];
+    // Declared before the floor, so dropped after it: the sysctl is restored last, on every
+    // path out of here.
+    let stats = Sysctl::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
+    let floor = floor::Floor::attach(cgroup).context("attaching the floor programs")?;
+    let floor_ids = [floor.egress.id, floor.ingress.id];
+    let before = prog_snapshot()?;
+    iperf(w, secs, true)?;
+    let after = prog_snapshot()?;
+    drop(floor);
+    drop(stats);
+    let runs = |ids: [u32; 2]| -> Result<[Runs; 2]> {
+        Ok([
+            Runs::between(&before, &after, ids[0])?,
+            Runs::between(&before, &after, ids[1])?,
+        ])
+    };
+    Ok(ProgCost {
+        daemon: runs(daemon_ids)?,
+        floor: runs(floor_ids)?,
+    })
 }
 
 fn part2(w: &World, daemon: &Path, secs: u64, out: &mut String) -> Result<()> {
+    let cgroup = cgroup2_root()?;
     let mut srv_cmd = w.exec(&w.srv, "iperf3");
     srv_cmd.args(["-s", "--forceflush", "-B", &w.srv_ip]);
     let mut server = Proc::spawn("iperf3 server", &mut srv_cmd)?;
     server.wait_line("Server listening", START_TIMEOUT)?;
     let mut rows = Vec::new();
-    let mut prog_ns = None;
+    let mut cost = None;
     for udp64 in [false, true] {
         let label = if udp64 {
             "udp 64 B (pkt/s)"
@@ -1119,23 +1586,14 @@ fn part2(w: &World, daemon: &Path, secs: u64, out: &mut String) -> Result<()> {
         eprintln!("xtask: bench: part 2: {label} without dnsprobe ({secs} s)");
         let base = iperf(w, secs, udp64)?;
         eprintln!("xtask: bench: part 2: {label} with dnsprobe ({secs} s)");
-        let d = start_dnsprobe(daemon, &["--query-timeout", "2s", "--stats-interval", "0s"])?;
-        let stats = if udp64 {
-            Some(Sysctl::set("/proc/sys/kernel/bpf_stats_enabled", "1")?)
-        } else {
-            None
-        };
-        let before = prog_stats()?;
+        let mut d = start_dnsprobe(daemon, &["--query-timeout", "2s", "--stats-interval", "0s"])?;
         let with = iperf(w, secs, udp64)?;
-        let after = prog_stats()?;
-        drop(stats);
         if udp64 {
-            let runs = after.1.saturating_sub(before.1);
-            if runs > 0 {
-                prog_ns = Some((after.0.saturating_sub(before.0) as f64 / runs as f64, runs));
-            }
+            eprintln!(
+                "xtask: bench: part 2: {label} with dnsprobe and the floor, bpf_stats on ({secs} s)"
+            );
+            cost = Some(prog_cost(w, d.proc.pid(), &cgroup, secs)?);
         }
-        let mut d = d;
         d.proc.stop()?;
         let target = if udp64 {
             TARGET_UDP64_RATIO
@@ -1164,23 +1622,250 @@ fn part2(w: &World, daemon: &Path, secs: u64, out: &mut String) -> Result<()> {
             verdict(ratio >= target)
         );
     }
-    match prog_ns {
-        Some((ns, runs)) => {
-            let _ = writeln!(
-                out,
-                "kernel programs: {ns:.1} ns per run on average over {runs} runs (cgroup_skb, \
-                 kernel.bpf_stats_enabled during the 64-byte UDP flood)"
-            );
-        }
-        None => {
-            let _ = writeln!(out, "kernel programs: no runs counted by bpf_stats");
-        }
+    let _ = writeln!(out, "```\n");
+    if let Some(c) = cost {
+        write_prog_cost(&c, secs, out);
     }
+    Ok(())
+}
+
+fn write_prog_cost(c: &ProgCost, secs: u64, out: &mut String) {
     let _ = writeln!(
         out,
-        "```\n\nNOT YET MEASURED: the floor (a cgroup_skb program that only returns 1, measured \
-         the same way), so the target of at most {TARGET_PROG_FLOOR_FACTOR} x the floor is not \
-         judged.\n"
+        "Kernel programs: a further {secs} s 64-byte UDP run with the same daemon, \
+         `kernel.bpf_stats_enabled` = 1 and the floor (two `cgroup_skb` programs that only \
+         return 1, on the same cgroup) attached beside it; its throughput is not reported.\n"
     );
+    let _ = writeln!(out, "```");
+    let _ = writeln!(
+        out,
+        "{:<10} {:>12} {:>10} {:>12} {:>10} {:>7}  verdict",
+        "direction", "dnsprobe", "ns/run", "floor", "ns/run", "ratio"
+    );
+    let _ = writeln!(
+        out,
+        "{:<10} {:>12} {:>10} {:>12} {:>10} {:>7}",
+        "", "(runs)", "", "(runs)", "", ""
+    );
+    let fmt = |v: Option<f64>, prec: usize| v.map_or("-".to_owned(), |x| format!("{x:.prec$}"));
+    let both = (c.daemon[0].add(c.daemon[1]), c.floor[0].add(c.floor[1]));
+    for (i, (label, d, f)) in [
+        ("egress", c.daemon[0], c.floor[0]),
+        ("ingress", c.daemon[1], c.floor[1]),
+        ("both", both.0, both.1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ratio = d.avg_ns().zip(f.avg_ns()).map(|(d, f)| d / f);
+        let judged = match ratio {
+            // The target is on the combined figure; the directions are there to show where
+            // the cost is.
+            Some(r) if i == 2 => format!(
+                "prog<={TARGET_PROG_FLOOR_FACTOR}x floor {}",
+                verdict(r <= TARGET_PROG_FLOOR_FACTOR)
+            ),
+            None if i == 2 => "not judged: no runs counted".to_owned(),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "{label:<10} {:>12} {:>10} {:>12} {:>10} {:>7}  {judged}",
+            d.cnt,
+            fmt(d.avg_ns(), 1),
+            f.cnt,
+            fmt(f.avg_ns(), 1),
+            fmt(ratio, 2),
+        );
+    }
+    let _ = writeln!(out, "```\n");
+}
+
+/// Part 4: the daemon under steady load for a long time; its memory must level off.
+fn part4(
+    w: &World,
+    qfile: &Path,
+    daemon: &Path,
+    secs: u64,
+    clients: u32,
+    out: &mut String,
+) -> Result<()> {
+    let total = Duration::from_secs(secs);
+    // Short runs scale both down so that several samples follow the warm-up.
+    let interval = SOAK_MAX_INTERVAL.min(total / 10);
+    let warmup = SOAK_MAX_WARMUP.min(total / 5);
+    eprintln!(
+        "xtask: bench: part 4: soak at {SOAK_RATE}/s for {secs} s, RSS every {} s",
+        interval.as_secs_f64()
+    );
+    let mut r = start_dnsprobe(daemon, &["--query-timeout", "2s", "--stats-interval", "0s"])?;
+    let pid = r.proc.pid();
+    let t0 = cpu_ticks(pid)?;
+    let start = Instant::now();
+    let mut samples = vec![(Duration::ZERO, status_kib(pid, "VmRSS")?)];
+    let mut perf = spawn_dnsperf(w, qfile, secs, Some(SOAK_RATE), clients)?;
+    let mut next = interval;
+    loop {
+        if perf.child.try_wait()?.is_some() {
+            break;
+        }
+        if let Some(st) = r.proc.child.try_wait()? {
+            bail!("dnsprobe exited ({st}) during the soak:\n{}", r.proc.tail());
+        }
+        let t = start.elapsed();
+        if t >= next {
+            samples.push((t, status_kib(pid, "VmRSS")?));
+            next += interval;
+        }
+        if t > total + Duration::from_secs(60) {
+            bail!("dnsperf still running {secs} s + 60 s after the start of the soak");
+        }
+        sleep(Duration::from_millis(100))?;
+    }
+    let perf = finish_dnsperf(perf, secs)?;
+    // Let the observer drain what the last answers produced.
+    sleep(Duration::from_millis(500))?;
+    let o = finish_observer(r, t0)?;
+
+    let after: Vec<u64> = samples
+        .iter()
+        .filter(|(t, _)| *t >= warmup)
+        .map(|&(_, kib)| kib)
+        .collect();
+    let &warm = after
+        .first()
+        .context("the soak took no RSS sample after its warm-up")?;
+    let min = after.iter().copied().min().unwrap_or(warm);
+    let max = after.iter().copied().max().unwrap_or(warm);
+    let dev = max.abs_diff(warm).max(min.abs_diff(warm)) as f64 / warm.max(1) as f64;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+
+    let _ = writeln!(out, "## 4. Soak\n");
+    let _ = writeln!(
+        out,
+        "dnsperf at {SOAK_RATE} queries/s for {secs} s ({clients} clients) against unbound, \
+         dnsprobe as in part 1. VmRSS sampled every {} s; the reference is the first sample at \
+         or after the {} s warm-up, and `dev` is the largest distance of a later sample from \
+         it. `peak` is VmHWM at the end.\n",
+        interval.as_secs_f64(),
+        warmup.as_secs_f64()
+    );
+    let _ = writeln!(out, "```");
+    let _ = writeln!(
+        out,
+        "{:>7} {:>8} {:>8} {:>8} {:>7} {:>8}  verdicts",
+        "samples", "warm MiB", "min MiB", "max MiB", "dev %", "peak MiB"
+    );
+    let _ = writeln!(
+        out,
+        "{:>7} {:>8.1} {:>8.1} {:>8.1} {:>7.1} {:>8.1}  rss flat ±{:.0}% {}, zero lost {}",
+        after.len(),
+        mib(warm),
+        mib(min),
+        mib(max),
+        dev * 100.0,
+        mib(o.rss_kib),
+        SOAK_RSS_TOLERANCE * 100.0,
+        verdict(dev <= SOAK_RSS_TOLERANCE),
+        verdict(o.lost == 0)
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:>9} {:>9} {:>9} {:>9} {:>6} {:>9}",
+        "sent", "answered", "reported", "answered", "lost", "cpu µs/q"
+    );
+    let _ = writeln!(
+        out,
+        "{:>9} {:>9} {:>9} {:>9} {:>6}",
+        "(dnsperf)", "(dnsperf)", "(obs)", "(obs)", "(obs)"
+    );
+    let _ = writeln!(
+        out,
+        "{:>9} {:>9} {:>9} {:>9} {:>6} {:>9.2}",
+        perf.sent,
+        perf.completed,
+        o.reported,
+        o.answered,
+        o.lost,
+        o.cpu_s * 1e6 / perf.completed.max(1) as f64
+    );
+    // The daemon sees all DNS on the machine, so a count well above dnsperf's means another
+    // load (a test, another bench) ran meanwhile and the RSS and lost figures are not the soak's.
+    if o.reported > perf.sent + perf.sent / 20 {
+        let _ = writeln!(
+            out,
+            "WARNING: the daemon reported {} queries but dnsperf sent {}: other DNS traffic ran              on the machine during the soak, so these figures are not the soak's alone.",
+            o.reported, perf.sent
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "VmRSS MiB by second:");
+    for row in samples.chunks(8) {
+        let cells: Vec<String> = row
+            .iter()
+            .map(|(t, kib)| format!("{:>4.0}s {:>6.1}", t.as_secs_f64(), mib(*kib)))
+            .collect();
+        let _ = writeln!(out, "  {}", cells.join("  "));
+    }
+    let _ = writeln!(out, "```\n");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_bpftool_prog_show() {
+        let text = "\
+12: cgroup_skb  name dns_egress  tag 6deef7357e7b4530  gpl run_time_ns 1500 run_cnt 20
+\tloaded_at 2026-11-26T01:26:12+0000  uid 0
+\txlated 64B  jited 54B  memlock 4096B  map_ids 3,4
+\tbtf_id 7
+13: cgroup_skb  name dpb_floor_eg  tag 0123456789abcdef  gpl
+\tloaded_at 2026-11-26T01:26:13+0000  uid 0
+14: tracing  name kfree  tag 0123456789abcdef  gpl run_time_ns 9 run_cnt 1
+";
+        let p = parse_prog_show(text);
+        assert_eq!(p.len(), 3);
+        assert_eq!((p[0].id, p[0].kind.as_str()), (12, "cgroup_skb"));
+        assert_eq!(p[0].name, "dns_egress");
+        assert_eq!((p[0].run_time_ns, p[0].run_cnt), (1500, 20));
+        // No counters printed yet: the program has not run with stats on.
+        assert_eq!((p[1].run_time_ns, p[1].run_cnt), (0, 0));
+        // Held by the daemon wins over newer programs of the same name.
+        let newer = ProgStat {
+            id: 40,
+            ..p[0].clone()
+        };
+        let all = [p[0].clone(), newer];
+        assert_eq!(daemon_cgroup_skb(&all, &[12], "dns_egress").ok(), Some(12));
+        assert_eq!(daemon_cgroup_skb(&all, &[], "dns_egress").ok(), Some(40));
+        assert!(daemon_cgroup_skb(&all, &[], "dns_ingress").is_err());
+    }
+
+    #[test]
+    fn run_deltas_and_averages() {
+        let snap = |ns, cnt| {
+            vec![ProgStat {
+                id: 5,
+                kind: "cgroup_skb".into(),
+                name: "x".into(),
+                run_time_ns: ns,
+                run_cnt: cnt,
+            }]
+        };
+        let r = Runs::between(&snap(100, 10), &snap(400, 20), 5).ok();
+        assert_eq!(r.and_then(Runs::avg_ns), Some(30.0));
+        assert!(Runs::between(&snap(0, 0), &[], 5).is_err());
+        assert_eq!(Runs::default().avg_ns(), None);
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/sys/fs/cgroup"), "/sys/fs/cgroup");
+        assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");
+        assert_eq!(unescape_mountinfo("/trailing\\04"), "/trailing\\04");
+    }
 }
