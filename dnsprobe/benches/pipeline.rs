@@ -16,10 +16,6 @@ use hickory_proto::{
     rr::{rdata::A, Name, RData, Record, RecordType},
 };
 
-// The daemon's allocator (see main.rs), so that the cost measured here is the daemon's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn message(id: u16, name: &str, qtype: RecordType, response: bool) -> Vec<u8> {
     let name = Name::from_ascii(name).expect("valid name");
     let mut m = Message::query();

@@ -6,6 +6,7 @@ use std::{
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -110,7 +111,7 @@ pub fn check_cgroup2_dir(path: &Path) -> Result<(), AttributeError> {
 /// Maps cgroup ids to paths relative to the root (`/` is the root itself).
 pub struct CgroupPaths {
     root: PathBuf,
-    by_id: HashMap<u64, String>,
+    by_id: HashMap<u64, Arc<str>>,
     /// Ids a fresh walk did not find, with when: not walked for again until `NEGATIVE_TTL`.
     missing: HashMap<u64, Instant>,
     walks: u64,
@@ -150,7 +151,7 @@ impl CgroupPaths {
         self.missing.retain(|_, at| at.elapsed() < NEGATIVE_TTL);
     }
 
-    pub fn resolve(&mut self, id: u64) -> Option<String> {
+    pub fn resolve(&mut self, id: u64) -> Option<Arc<str>> {
         if let Some(path) = self.by_id.get(&id) {
             return Some(path.clone());
         }
@@ -189,7 +190,7 @@ impl CgroupPaths {
             if !seen_dirs.insert(meta.ino()) {
                 continue;
             }
-            self.by_id.insert(meta.ino(), rel.clone());
+            self.by_id.insert(meta.ino(), Arc::from(rel.as_str()));
             if depth >= MAX_DEPTH {
                 continue;
             }
@@ -273,7 +274,7 @@ pub struct ProcessNames {
 struct ProcessName {
     /// The thread comm this entry was read for: a different one means the pid was reused.
     thread_comm: Option<String>,
-    name: Option<String>,
+    name: Option<Arc<str>>,
     read_at: Instant,
 }
 
@@ -298,7 +299,7 @@ impl ProcessNames {
     }
 
     /// The process's name, or `None` if it exited before it could be read.
-    pub fn resolve(&mut self, pid: u32, thread_comm: Option<&str>) -> Option<String> {
+    pub fn resolve(&mut self, pid: u32, thread_comm: Option<&str>) -> Option<Arc<str>> {
         if let Some(entry) = self.by_pid.get(&pid) {
             if entry.thread_comm.as_deref() == thread_comm
                 && entry.read_at.elapsed() < PROCESS_NAME_TTL
@@ -315,8 +316,8 @@ impl ProcessNames {
         }
         let name = fs::read_to_string(self.proc_root.join(pid.to_string()).join("comm"))
             .ok()
-            .map(|s| s.trim_end_matches('\n').to_owned())
-            .filter(|s| !s.is_empty());
+            .map(|s| Arc::from(s.trim_end_matches('\n')))
+            .filter(|s: &Arc<str>| !s.is_empty());
         self.by_pid.insert(
             pid,
             ProcessName {

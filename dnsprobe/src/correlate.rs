@@ -7,6 +7,8 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
+use std::sync::Arc;
+
 use foldhash::{HashMap, HashMapExt as _};
 
 use crate::decode::{Direction, Packet, Transport};
@@ -24,13 +26,14 @@ struct QueryKey {
 pub struct Sender {
     pub pid: Option<u32>,
     pub tid: Option<u32>,
-    /// Name of the sending process (its thread group leader's comm).
-    pub comm: Option<String>,
+    /// Name of the sending process (its thread group leader's comm). Shared with the cache it
+    /// came from, like the other strings here: every query of a process carries the same.
+    pub comm: Option<Arc<str>>,
     /// Comm of the sending thread, as the kernel saw it.
-    pub thread_comm: Option<String>,
+    pub thread_comm: Option<Arc<str>>,
     pub cgroup_id: u64,
     /// Resolved while the cgroup still existed; `None` if it could not be.
-    pub cgroup_path: Option<String>,
+    pub cgroup_path: Option<Arc<str>>,
     /// Pod and container (or host unit) the cgroup belongs to.
     pub workload: Option<std::sync::Arc<crate::attribute::Workload>>,
     /// The lookup the query belongs to (`LookupTracker::query_started`), 0 for none.
@@ -149,8 +152,7 @@ impl Observation {
 
 struct Pending {
     query: FinishedQuery,
-    /// Position in `order`.
-    seq: u64,
+    key: QueryKey,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -168,13 +170,14 @@ pub struct TrackerStats {
 }
 
 pub struct QueryTracker {
-    pending: HashMap<QueryKey, Pending>,
+    /// Pending queries by sequence number, that is in the order they were first seen (which is
+    /// first-send order up to the small reordering between CPUs). Boxed: a pending query is a
+    /// few hundred bytes, and tens of thousands can be in flight.
+    pending: BTreeMap<u64, Box<Pending>>,
+    by_key: HashMap<QueryKey, u64>,
     /// Client address and DNS id of each pending query: what a dropped packet can be matched
     /// by, since a forwarded packet has no socket and may already be NATed towards a backend.
-    by_client: HashMap<(SocketAddr, u16), QueryKey>,
-    /// Pending queries in first-send order (by `seq`), with their first-send time: holds only
-    /// live entries, so its size is bounded like `pending`.
-    order: BTreeMap<u64, (u64, QueryKey)>,
+    by_client: HashMap<(SocketAddr, u16), u64>,
     timeout_ns: u64,
     max_inflight: usize,
     next_seq: u64,
@@ -184,9 +187,9 @@ pub struct QueryTracker {
 impl QueryTracker {
     pub fn new(timeout_ns: u64, max_inflight: usize) -> Self {
         Self {
-            pending: HashMap::new(),
+            pending: BTreeMap::new(),
+            by_key: HashMap::new(),
             by_client: HashMap::new(),
-            order: BTreeMap::new(),
             timeout_ns,
             max_inflight: max_inflight.max(1),
             next_seq: 0,
@@ -224,7 +227,11 @@ impl QueryTracker {
             qname_lower,
             qtype,
         };
-        if let Some(pending) = self.pending.get_mut(&key) {
+        if let Some(pending) = self
+            .by_key
+            .get(&key)
+            .and_then(|seq| self.pending.get_mut(seq))
+        {
             pending.query.send_ts_ns.push(packet.ts_ns);
             self.stats.resends += 1;
             return Observation::Resent;
@@ -235,15 +242,14 @@ impl QueryTracker {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.stats.queries += 1;
-        self.order.insert(seq, (packet.ts_ns, key.clone()));
-        self.by_client
-            .insert((packet.src, packet.message.id), key.clone());
+        self.by_key.insert(key.clone(), seq);
+        self.by_client.insert((packet.src, packet.message.id), seq);
         let sender = sender(&packet);
         let message = packet.message;
         self.pending.insert(
-            key,
-            Pending {
-                seq,
+            seq,
+            Box::new(Pending {
+                key,
                 query: FinishedQuery {
                     qname: message.question.name,
                     qtype: message.question.qtype,
@@ -261,7 +267,7 @@ impl QueryTracker {
                     sender,
                     drops: Vec::new(),
                 },
-            },
+            }),
         );
         Observation::Started
     }
@@ -274,12 +280,15 @@ impl QueryTracker {
             qname_lower,
             qtype,
         };
-        let Some(Pending { mut query, seq }) = self.pending.remove(&key) else {
+        let Some(seq) = self.by_key.get(&key).copied() else {
             self.stats.unmatched_responses += 1;
             return Observation::Unmatched(packet);
         };
-        self.order.remove(&seq);
-        self.forget_client(&query, &key);
+        let Some(pending) = self.remove(seq) else {
+            self.stats.unmatched_responses += 1;
+            return Observation::Unmatched(packet);
+        };
+        let mut query = pending.query;
         self.stats.answered += 1;
         query.response_ts_ns = Some(packet.ts_ns);
         query.outcome = Outcome::Answered;
@@ -289,42 +298,42 @@ impl QueryTracker {
         Observation::Finished(query)
     }
 
+    /// Takes a pending query out of every index.
+    fn remove(&mut self, seq: u64) -> Option<Box<Pending>> {
+        let pending = self.pending.remove(&seq)?;
+        if self.by_key.get(&pending.key) == Some(&seq) {
+            self.by_key.remove(&pending.key);
+        }
+        let client_key = (pending.query.client, pending.query.id);
+        if self.by_client.get(&client_key) == Some(&seq) {
+            self.by_client.remove(&client_key);
+        }
+        Some(pending)
+    }
+
     /// Ends every query whose first send is older than the timeout at kernel time `now_ns`.
     pub fn expire(&mut self, now_ns: u64, out: &mut Vec<FinishedQuery>) {
-        while let Some(entry) = self.order.first_entry() {
-            if now_ns.saturating_sub(entry.get().0) < self.timeout_ns {
+        while let Some((&seq, pending)) = self.pending.first_key_value() {
+            if now_ns.saturating_sub(pending.query.first_send_ns()) < self.timeout_ns {
                 break;
             }
-            let (_, key) = entry.remove();
-            if let Some(mut pending) = self.pending.remove(&key) {
-                self.forget_client(&pending.query, &key);
-                self.stats.unanswered += 1;
-                if pending
-                    .query
-                    .drops
-                    .iter()
-                    .any(|d| d.packet == DroppedPacket::Query)
-                {
-                    pending.query.outcome = Outcome::Dropped;
-                }
-                out.push(pending.query);
+            let Some(pending) = self.remove(seq) else {
+                break;
+            };
+            let mut query = pending.query;
+            self.stats.unanswered += 1;
+            if query.drops.iter().any(|d| d.packet == DroppedPacket::Query) {
+                query.outcome = Outcome::Dropped;
             }
+            out.push(query);
         }
     }
 
     fn evict_oldest(&mut self) {
-        if let Some((_, (_, key))) = self.order.pop_first() {
-            if let Some(pending) = self.pending.remove(&key) {
-                self.forget_client(&pending.query, &key);
+        if let Some((&seq, _)) = self.pending.first_key_value() {
+            if self.remove(seq).is_some() {
                 self.stats.evicted += 1;
             }
-        }
-    }
-
-    fn forget_client(&mut self, query: &FinishedQuery, key: &QueryKey) {
-        let client_key = (query.client, query.id);
-        if self.by_client.get(&client_key) == Some(key) {
-            self.by_client.remove(&client_key);
         }
     }
 
@@ -339,10 +348,10 @@ impl QueryTracker {
             DroppedPacket::Query => drop.src,
             DroppedPacket::Response => drop.dst,
         };
-        let Some(key) = self.by_client.get(&(client, id)) else {
+        let Some(seq) = self.by_client.get(&(client, id)) else {
             return Some(drop);
         };
-        let Some(pending) = self.pending.get_mut(key) else {
+        let Some(pending) = self.pending.get_mut(seq) else {
             return Some(drop);
         };
         self.stats.drops_linked += 1;
@@ -461,8 +470,8 @@ mod tests {
         Sender {
             pid: p.pid,
             tid: p.tid,
-            comm: p.comm.clone(),
-            thread_comm: p.comm.clone(),
+            comm: p.comm.as_deref().map(Arc::from),
+            thread_comm: p.comm.as_deref().map(Arc::from),
             cgroup_id: p.cgroup_id,
             cgroup_path: Some("/test".into()),
             workload: None,

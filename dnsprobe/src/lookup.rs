@@ -390,8 +390,8 @@ struct OpenLookup {
     settled: bool,
     queries: Vec<FinishedQuery>,
     late: Vec<LateArrival>,
-    comm: Option<String>,
-    cgroup_path: Option<String>,
+    comm: Option<Arc<str>>,
+    cgroup_path: Option<Arc<str>>,
     workload: Option<std::sync::Arc<crate::attribute::Workload>>,
 }
 
@@ -502,9 +502,9 @@ pub struct LookupRecord {
     pub final_rcode: Option<String>,
     pub answers: Vec<String>,
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<Arc<str>>,
     pub cgroup_id: u64,
-    pub cgroup_path: Option<String>,
+    pub cgroup_path: Option<Arc<str>>,
     pub workload: Option<std::sync::Arc<crate::attribute::Workload>>,
     pub resolver: Option<Arc<ResolverConfig>>,
     pub diagnosis: Vec<Diagnosis>,
@@ -529,7 +529,8 @@ pub const MAX_QUERIES_PER_LOOKUP: usize = 256;
 pub type LookupId = u64;
 
 pub struct LookupTracker {
-    open: HashMap<LookupId, OpenLookup>,
+    /// Boxed: an open lookup is a few hundred bytes, and as many may be open as queries.
+    open: HashMap<LookupId, Box<OpenLookup>>,
     /// The lookup new queries of a process and asked name join. A lookup taken out of here
     /// (a new resolver call began) stays in `open` until its own queries are over.
     by_key: HashMap<LookupKey, LookupId>,
@@ -650,7 +651,7 @@ impl LookupTracker {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let mut lookup = OpenLookup::new(key.clone(), resolver, ts_ns, sender);
+        let mut lookup = Box::new(OpenLookup::new(key.clone(), resolver, ts_ns, sender));
         lookup.pending = 1;
         self.open.insert(id, lookup);
         self.by_key.insert(key, id);
@@ -740,7 +741,7 @@ impl LookupTracker {
         if self.by_key.get(&lookup.key) == Some(&id) {
             self.by_key.remove(&lookup.key);
         }
-        if let Some(record) = self.finish(lookup) {
+        if let Some(record) = self.finish(*lookup) {
             out.push(record);
         }
     }

@@ -29,11 +29,6 @@ use dnsprobe::{
     pipeline::{DropExplainer, Pipeline, PipelineStats},
 };
 
-// Every query allocates a handful of short-lived strings and records; glibc's allocator spent
-// a third of the daemon's time on them under load, and kept freed memory fragmented.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Events handled per wake-up before timers get a turn.
 const DRAIN_BATCH: usize = 4096;
 /// After the ring is drained empty, how long to let events gather before waiting on it again.

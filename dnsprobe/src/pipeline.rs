@@ -1,6 +1,8 @@
 //! The userspace path from raw ring-buffer records to finished queries, drops and lookups,
 //! handed to every sink (record writer, metrics, live view).
 
+use std::sync::Arc;
+
 use crate::{
     attribute::{Attributor, CgroupPaths, ProcessNames},
     capture::KernelStats,
@@ -178,16 +180,21 @@ impl Pipeline {
         let lookup_out = &mut self.lookup_out;
         let observed = self.tracker.observe(packet, |p| {
             let cgroup_path = paths.resolve(p.cgroup_id);
+            // The process may be gone already; its sending thread's name is the next best.
+            let comm = p
+                .pid
+                .and_then(|pid| names.resolve(pid, p.comm.as_deref()))
+                .or_else(|| p.comm.as_deref().map(Arc::from));
             let workload = attributor.workload(p.cgroup_id, cgroup_path.as_deref());
             let mut sender = Sender {
                 pid: p.pid,
                 tid: p.tid,
-                // The process may be gone already; its sending thread's name is the next best.
-                comm: p
-                    .pid
-                    .and_then(|pid| names.resolve(pid, p.comm.as_deref()))
-                    .or_else(|| p.comm.clone()),
-                thread_comm: p.comm.clone(),
+                comm: comm.clone(),
+                thread_comm: match (&comm, &p.comm) {
+                    // Most programs send from their main thread: share the one string.
+                    (Some(name), Some(thread)) if **name == **thread => Some(name.clone()),
+                    (_, thread) => thread.as_deref().map(Arc::from),
+                },
                 cgroup_id: p.cgroup_id,
                 cgroup_path,
                 workload,
