@@ -175,8 +175,67 @@ fn parse_l3(ctx: &SkBuffContext) -> Result<Option<L3>, i64> {
     }
 }
 
+/// Whether the packet is DNS of a client: queries leave towards a DNS port (egress) and
+/// responses arrive from one (ingress).
+#[inline(always)]
+fn watched(direction: u8, sport: u16, dport: u16) -> bool {
+    // SAFETY: a plain read of a read-only global set before load.
+    let ports = unsafe { core::ptr::read_volatile(&PORT_CONFIG) };
+    if direction == DIR_EGRESS {
+        ports.contains(dport)
+    } else {
+        ports.contains(sport)
+    }
+}
+
+/// The byte at `offset` of a packet whose linear area was bounds-checked past it.
+///
+/// # Safety
+/// `data + offset` must lie below `data_end`, checked so that the verifier sees it.
+#[inline(always)]
+unsafe fn peek(data: usize, offset: usize) -> u8 {
+    // SAFETY: per the contract above.
+    unsafe { *((data + offset) as *const u8) }
+}
+
+/// The common case, answered with a handful of single loads: an IPv4 packet whose IP and
+/// transport headers lie in the linear area and that is not DNS. Returns `false` when the
+/// packet needs the general path (IPv6, headers beyond the linear area, or DNS).
+#[inline(always)]
+fn skip_quickly(ctx: &SkBuffContext, direction: u8) -> bool {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading the context's data pointers is always allowed for cgroup_skb.
+    let (data, data_end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    // Twenty bytes of IPv4 header plus the four bytes of ports after a header without options.
+    if data + 24 > data_end {
+        return false;
+    }
+    // SAFETY: every offset read below is under 24, checked against data_end above.
+    unsafe {
+        let b0 = peek(data, 0);
+        if b0 != 0x45 {
+            // IPv6, or IPv4 with options: the general path.
+            return false;
+        }
+        let proto = peek(data, 9);
+        if proto != PROTO_UDP && proto != PROTO_TCP {
+            return true;
+        }
+        // A non-first fragment has no transport header.
+        if (u16::from_be_bytes([peek(data, 6), peek(data, 7)]) & 0x1fff) != 0 {
+            return true;
+        }
+        let sport = u16::from_be_bytes([peek(data, 20), peek(data, 21)]);
+        let dport = u16::from_be_bytes([peek(data, 22), peek(data, 23)]);
+        !watched(direction, sport, dport)
+    }
+}
+
 #[inline(always)]
 fn try_capture(ctx: &SkBuffContext, direction: u8) -> Result<(), i64> {
+    if skip_quickly(ctx, direction) {
+        return Ok(());
+    }
     let l3 = match parse_l3(ctx)? {
         Some(l3) => l3,
         None => return Ok(()),
@@ -185,15 +244,7 @@ fn try_capture(ctx: &SkBuffContext, direction: u8) -> Result<(), i64> {
     let ports_hdr: [u8; 4] = read(ctx, l3.l4_offset)?;
     let sport = u16::from_be_bytes([ports_hdr[0], ports_hdr[1]]);
     let dport = u16::from_be_bytes([ports_hdr[2], ports_hdr[3]]);
-    // SAFETY: a plain read of a read-only global set before load.
-    let ports = unsafe { core::ptr::read_volatile(&PORT_CONFIG) };
-    // Client side only: queries leave towards a DNS port, responses arrive from one.
-    let watched = if direction == DIR_EGRESS {
-        ports.contains(dport)
-    } else {
-        ports.contains(sport)
-    };
-    if !watched {
+    if !watched(direction, sport, dport) {
         return Ok(());
     }
     match emit(ctx, direction, &l3, sport, dport) {
