@@ -214,6 +214,11 @@ pub fn decode_message(bytes: &[u8], cut_short: bool) -> Result<DnsMessage, Decod
         message.partial = cut_short;
         return Ok(message);
     }
+    if let Some((rcode, answers)) = read_common_answers(bytes) {
+        message.rcode = rcode;
+        message.answers = answers;
+        return Ok(message);
+    }
     match Message::from_vec(bytes) {
         Ok(msg) => {
             message.rcode = u16::from(msg.metadata.response_code);
@@ -267,6 +272,46 @@ pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError
         answers: Vec::new(),
         partial: false,
     })
+}
+
+/// The response code (with the EDNS extended bits) and answers of a well-framed response whose
+/// answers are all A, AAAA or CNAME records: nearly every response a client gets. `None` for
+/// anything else, which hickory-proto then reads (or rejects).
+fn read_common_answers(bytes: &[u8]) -> Option<(u16, Vec<String>)> {
+    let count = |at: usize| usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]]));
+    let mut rcode = u16::from(bytes[3] & 0x0f);
+    let mut pos = 12;
+    for _ in 0..count(4) {
+        pos = skip_name(bytes, pos).ok()? + 4;
+    }
+    let answers_n = count(6);
+    let mut answers = Vec::with_capacity(answers_n);
+    for i in 0..answers_n + count(8) + count(10) {
+        let end = skip_name(bytes, pos).ok()?;
+        let fixed = bytes.get(end..end + 10)?;
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        let rdata = bytes.get(end + 10..end + 10 + rdlen)?;
+        if i < answers_n {
+            answers.push(match (rtype, rdata.len()) {
+                (1, 4) => Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]).to_string(),
+                (28, 16) => Ipv6Addr::from(<[u8; 16]>::try_from(rdata).ok()?).to_string(),
+                (5, _) => {
+                    let (target, target_end) = read_name(bytes, end + 10).ok()?;
+                    if target_end != end + 10 + rdlen {
+                        return None;
+                    }
+                    target
+                }
+                _ => return None,
+            });
+        } else if rtype == 41 {
+            // OPT: the upper eight bits of the extended response code sit in its TTL field.
+            rcode |= u16::from(fixed[4]) << 4;
+        }
+        pos = end + 10 + rdlen;
+    }
+    Some((rcode, answers))
 }
 
 /// Checks that every section holds as many well-formed records as the header counts, without
@@ -367,7 +412,7 @@ fn salvage_addresses(bytes: &[u8]) -> Vec<String> {
 /// Returns the name in presentation form and the offset just past it in the message.
 fn read_name(bytes: &[u8], start: usize) -> Result<(String, usize), DecodeError> {
     const MAX_POINTERS: usize = 16;
-    let mut name = String::new();
+    let mut name = String::with_capacity(64);
     let mut pos = start;
     let mut end = None;
     let mut pointers = 0;
@@ -388,14 +433,26 @@ fn read_name(bytes: &[u8], start: usize) -> Result<(String, usize), DecodeError>
                 let label = bytes
                     .get(pos + 1..pos + 1 + len)
                     .ok_or(DecodeError::BadQuestion("label runs past the message"))?;
-                for &b in label {
-                    match b {
-                        b'.' | b'\\' => {
-                            name.push('\\');
-                            name.push(b as char);
+                // Almost every label is plain printable ASCII: copied as it is.
+                match std::str::from_utf8(label) {
+                    Ok(text)
+                        if label
+                            .iter()
+                            .all(|&b| matches!(b, 0x21..=0x7e) && b != b'.' && b != b'\\') =>
+                    {
+                        name.push_str(text);
+                    }
+                    _ => {
+                        for &b in label {
+                            match b {
+                                b'.' | b'\\' => {
+                                    name.push('\\');
+                                    name.push(b as char);
+                                }
+                                0x21..=0x7e => name.push(b as char),
+                                _ => name.push_str(&format!("\\{b:03}")),
+                            }
                         }
-                        0x21..=0x7e => name.push(b as char),
-                        _ => name.push_str(&format!("\\{b:03}")),
                     }
                 }
                 name.push('.');
@@ -501,6 +558,64 @@ mod tests {
         assert!(m.is_response);
         assert_eq!(rcode_name(m.rcode), "NOERROR");
         assert_eq!(m.answers, vec!["93.184.216.34".to_owned()]);
+    }
+
+    /// The quick reader of common answers and hickory-proto agree, EDNS extended codes
+    /// included; other record types are left to hickory-proto.
+    #[test]
+    fn common_answers_read_as_hickory_reads_them() {
+        use hickory_proto::{
+            op::{Edns, Message as HMessage, MessageType, Query, ResponseCode},
+            rr::{rdata, Name, Record},
+        };
+        let name = Name::from_ascii("www.Example.com.").unwrap();
+        let alias = Name::from_ascii("edge.cdn.example.net.").unwrap();
+        let mut m = HMessage::query();
+        m.metadata.id = 7;
+        m.metadata.message_type = MessageType::Response;
+        m.add_query(Query::query(name.clone(), RecordType::A));
+        m.add_answer(Record::from_rdata(
+            name.clone(),
+            60,
+            RData::CNAME(rdata::CNAME(alias.clone())),
+        ));
+        m.add_answer(Record::from_rdata(
+            alias.clone(),
+            60,
+            RData::A(rdata::A::new(10, 1, 2, 3)),
+        ));
+        m.add_answer(Record::from_rdata(
+            alias.clone(),
+            60,
+            RData::AAAA(rdata::AAAA::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
+        ));
+        for code in [ResponseCode::NoError, ResponseCode::BADCOOKIE] {
+            m.metadata.response_code = code;
+            m.set_edns(Edns::new());
+            let bytes = m.to_vec().unwrap();
+            let (rcode, answers) = read_common_answers(&bytes).expect("common answers");
+            let reference = HMessage::from_vec(&bytes).unwrap();
+            assert_eq!(rcode, u16::from(reference.metadata.response_code));
+            let expected: Vec<String> = reference
+                .answers
+                .iter()
+                .map(|r| match &r.data {
+                    RData::A(a) => a.0.to_string(),
+                    RData::AAAA(a) => a.0.to_string(),
+                    other => other.to_string(),
+                })
+                .collect();
+            assert_eq!(answers, expected);
+        }
+        // A TXT answer is not common: hickory-proto reads it.
+        m.add_answer(Record::from_rdata(
+            name,
+            60,
+            RData::TXT(rdata::TXT::new(vec!["x".into()])),
+        ));
+        let bytes = m.to_vec().unwrap();
+        assert!(read_common_answers(&bytes).is_none());
+        assert_eq!(decode_message(&bytes, false).unwrap().answers.len(), 4);
     }
 
     #[test]
