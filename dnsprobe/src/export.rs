@@ -258,6 +258,9 @@ pub enum RecordFormat {
 
 pub struct RecordWriter<W: Write> {
     out: W,
+    /// One record is serialised here first and written with one call: serde_json writes a
+    /// record in dozens of small pieces, each a call through `out`.
+    line: Vec<u8>,
     format: RecordFormat,
     clock: WallClock,
     written: u64,
@@ -268,6 +271,7 @@ impl<W: Write> RecordWriter<W> {
     pub fn new(out: W, format: RecordFormat, clock: WallClock) -> Self {
         Self {
             out,
+            line: Vec::with_capacity(1024),
             format,
             clock,
             written: 0,
@@ -353,8 +357,10 @@ impl<W: Write> RecordWriter<W> {
 
     /// One JSON record and its newline.
     fn json_line(&mut self, record: &impl Serialize) -> Result<(), ExportError> {
-        serde_json::to_writer(&mut self.out, record)?;
-        self.out.write_all(b"\n")?;
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, record)?;
+        self.line.push(b'\n');
+        self.out.write_all(&self.line)?;
         Ok(())
     }
 
