@@ -710,7 +710,9 @@ mod tests {
 /// Queries that ended recently, by client address and DNS id, so that a response arriving after
 /// its query ended (or dropped on the way to a socket that is gone) can still be tied to it.
 pub struct RecentQueries {
-    by_client: HashMap<(SocketAddr, u16), RecentQuery>,
+    /// Boxed: as many as `--max-inflight` are kept, and the table holds twice its entries in
+    /// slots at worst.
+    by_client: HashMap<(SocketAddr, u16), Box<RecentQuery>>,
     /// (when remembered, key, seq): seq tells a stale entry from the current one of its key.
     order: std::collections::VecDeque<(u64, (SocketAddr, u16), u64)>,
     keep_ns: u64,
@@ -753,7 +755,7 @@ impl RecentQueries {
         self.next_seq += 1;
         self.by_client.insert(
             key,
-            RecentQuery {
+            Box::new(RecentQuery {
                 qname: q.qname.clone(),
                 qtype: q.qtype,
                 first_send_ns: q.first_send_ns(),
@@ -761,7 +763,7 @@ impl RecentQueries {
                 pid: q.sender.pid,
                 cgroup_id: q.sender.cgroup_id,
                 seq,
-            },
+            }),
         );
         self.order.push_back((now_ns, key, seq));
     }

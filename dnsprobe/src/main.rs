@@ -265,6 +265,13 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
         pipeline.sinks.push(Box::new(top::TopSink(state.clone())));
     }
 
+    // Loading the programs parsed the kernel's whole BTF (about 20 MB of short-lived
+    // allocations); give that memory back instead of carrying it for the daemon's lifetime.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory; no pointer is affected.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     info!(
         "capture started: ports {:?}, query timeout {:?}, cgroup root {}",
         args.common.ports,
