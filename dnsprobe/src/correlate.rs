@@ -710,9 +710,10 @@ mod tests {
 /// Queries that ended recently, by client address and DNS id, so that a response arriving after
 /// its query ended (or dropped on the way to a socket that is gone) can still be tied to it.
 pub struct RecentQueries {
-    /// Boxed: as many as `--max-inflight` are kept, and the table holds twice its entries in
-    /// slots at worst.
-    by_client: HashMap<(SocketAddr, u16), Box<RecentQuery>>,
+    /// With the sequence number of the entry: expiry checks it for every entry it pops, and
+    /// it is cheaper next to the key than behind the box. Boxed: as many as `--max-inflight`
+    /// are kept, and the table holds twice its entries in slots at worst.
+    by_client: HashMap<(SocketAddr, u16), (u64, Box<RecentQuery>)>,
     /// (when remembered, key, seq): seq tells a stale entry from the current one of its key.
     order: std::collections::VecDeque<(u64, (SocketAddr, u16), u64)>,
     keep_ns: u64,
@@ -728,7 +729,6 @@ struct RecentQuery {
     answered: bool,
     pid: Option<u32>,
     cgroup_id: u64,
-    seq: u64,
 }
 
 impl RecentQueries {
@@ -755,15 +755,17 @@ impl RecentQueries {
         self.next_seq += 1;
         self.by_client.insert(
             key,
-            Box::new(RecentQuery {
-                qname: q.qname.clone(),
-                qtype: q.qtype,
-                first_send_ns: q.first_send_ns(),
-                answered: q.outcome == Outcome::Answered,
-                pid: q.sender.pid,
-                cgroup_id: q.sender.cgroup_id,
+            (
                 seq,
-            }),
+                Box::new(RecentQuery {
+                    qname: q.qname.clone(),
+                    qtype: q.qtype,
+                    first_send_ns: q.first_send_ns(),
+                    answered: q.outcome == Outcome::Answered,
+                    pid: q.sender.pid,
+                    cgroup_id: q.sender.cgroup_id,
+                }),
+            ),
         );
         self.order.push_back((now_ns, key, seq));
     }
@@ -780,7 +782,7 @@ impl RecentQueries {
     fn pop_oldest(&mut self) {
         if let Some((_, key, seq)) = self.order.pop_front() {
             // A later remember() of the same key replaced this entry: keep that one.
-            if self.by_client.get(&key).is_some_and(|r| r.seq == seq) {
+            if self.by_client.get(&key).is_some_and(|(s, _)| *s == seq) {
                 self.by_client.remove(&key);
             }
         }
@@ -788,7 +790,7 @@ impl RecentQueries {
 
     /// A response that matched no pending query.
     pub fn late_response(&self, packet: &Packet) -> Option<crate::lookup::LateArrival> {
-        let recent = self.by_client.get(&(packet.dst, packet.message.id))?;
+        let (_, recent) = self.by_client.get(&(packet.dst, packet.message.id))?;
         if !recent
             .qname
             .eq_ignore_ascii_case(&packet.message.question.name)
@@ -817,7 +819,7 @@ impl RecentQueries {
         if drop.packet != DroppedPacket::Response {
             return None;
         }
-        let recent = self.by_client.get(&(drop.dst, drop.dns_id?))?;
+        let (_, recent) = self.by_client.get(&(drop.dst, drop.dns_id?))?;
         Some(crate::lookup::LateArrival {
             ts_ns: drop.ts_ns,
             id: drop.dns_id?,

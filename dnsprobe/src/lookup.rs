@@ -420,7 +420,8 @@ impl OpenLookup {
             pending: 0,
             questions: Vec::new(),
             settled: true,
-            queries: Vec::new(),
+            // A resolver call is a few queries (A and AAAA, a search expansion or two).
+            queries: Vec::with_capacity(4),
             late: Vec::new(),
             comm: sender.comm.clone(),
             cgroup_path: sender.cgroup_path.clone(),
