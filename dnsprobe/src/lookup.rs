@@ -420,8 +420,9 @@ impl OpenLookup {
             pending: 0,
             questions: Vec::new(),
             settled: true,
-            // A resolver call is a few queries (A and AAAA, a search expansion or two).
-            queries: Vec::with_capacity(4),
+            // Not preallocated: a lookup whose queries are all still pending (an outage, a
+            // flood of unanswered names) then costs no query list at all.
+            queries: Vec::new(),
             late: Vec::new(),
             comm: sender.comm.clone(),
             cgroup_path: sender.cgroup_path.clone(),
