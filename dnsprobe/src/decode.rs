@@ -274,42 +274,128 @@ pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError
     })
 }
 
+/// One resource record of a message, found by its framing alone.
+struct RecordAt<'a> {
+    /// In the answer section (the records the header's `ancount` counts first).
+    answer: bool,
+    rtype: u16,
+    /// The record's TTL field, where an OPT record keeps the extended response code.
+    ttl_high_byte: u8,
+    /// Offset of the record data in the message (names in it may point anywhere before).
+    rdata_at: usize,
+    rdata: &'a [u8],
+}
+
+/// Walks the records after the question section (answer, authority, additional) as the
+/// header counts them, reading only their framing. Stops after the first framing error,
+/// which it yields.
+struct Records<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    index: usize,
+    answers: usize,
+    total: usize,
+    broken: bool,
+}
+
+impl<'a> Records<'a> {
+    /// Skips the question section of a message of at least 12 bytes (checked by
+    /// `parse_header_and_question` before).
+    fn new(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        let count = |at: usize| usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]]));
+        let mut pos = 12;
+        for _ in 0..count(4) {
+            pos = skip_name(bytes, pos)? + 4;
+            if pos > bytes.len() {
+                return Err(malformed("question runs past the message"));
+            }
+        }
+        Ok(Self {
+            bytes,
+            pos,
+            index: 0,
+            answers: count(6),
+            total: count(6) + count(8) + count(10),
+            broken: false,
+        })
+    }
+
+    fn read(&mut self) -> Result<RecordAt<'a>, DecodeError> {
+        let end = skip_name(self.bytes, self.pos)?;
+        let fixed = self
+            .bytes
+            .get(end..end + 10)
+            .ok_or_else(|| malformed("record runs past the message"))?;
+        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        let rdata = self
+            .bytes
+            .get(end + 10..end + 10 + rdlen)
+            .ok_or_else(|| malformed("record data runs past the message"))?;
+        self.pos = end + 10 + rdlen;
+        Ok(RecordAt {
+            answer: self.index < self.answers,
+            rtype: u16::from_be_bytes([fixed[0], fixed[1]]),
+            ttl_high_byte: fixed[4],
+            rdata_at: end + 10,
+            rdata,
+        })
+    }
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Result<RecordAt<'a>, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.broken || self.index >= self.total {
+            return None;
+        }
+        let record = self.read();
+        self.broken = record.is_err();
+        self.index += 1;
+        Some(record)
+    }
+}
+
+fn malformed(what: &str) -> DecodeError {
+    DecodeError::Malformed(what.to_owned())
+}
+
+/// An A or AAAA record's address as text.
+fn address(rtype: u16, rdata: &[u8]) -> Option<String> {
+    match rtype {
+        1 => <[u8; 4]>::try_from(rdata)
+            .ok()
+            .map(|a| Ipv4Addr::from(a).to_string()),
+        28 => <[u8; 16]>::try_from(rdata)
+            .ok()
+            .map(|a| Ipv6Addr::from(a).to_string()),
+        _ => None,
+    }
+}
+
 /// The response code (with the EDNS extended bits) and answers of a well-framed response whose
 /// answers are all A, AAAA or CNAME records: nearly every response a client gets. `None` for
 /// anything else, which hickory-proto then reads (or rejects).
 fn read_common_answers(bytes: &[u8]) -> Option<(u16, Vec<String>)> {
-    let count = |at: usize| usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]]));
     let mut rcode = u16::from(bytes[3] & 0x0f);
-    let mut pos = 12;
-    for _ in 0..count(4) {
-        pos = skip_name(bytes, pos).ok()? + 4;
-    }
-    let answers_n = count(6);
-    let mut answers = Vec::with_capacity(answers_n);
-    for i in 0..answers_n + count(8) + count(10) {
-        let end = skip_name(bytes, pos).ok()?;
-        let fixed = bytes.get(end..end + 10)?;
-        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
-        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
-        let rdata = bytes.get(end + 10..end + 10 + rdlen)?;
-        if i < answers_n {
-            answers.push(match (rtype, rdata.len()) {
-                (1, 4) => Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]).to_string(),
-                (28, 16) => Ipv6Addr::from(<[u8; 16]>::try_from(rdata).ok()?).to_string(),
-                (5, _) => {
-                    let (target, target_end) = read_name(bytes, end + 10).ok()?;
-                    if target_end != end + 10 + rdlen {
+    let mut answers = Vec::new();
+    for record in Records::new(bytes).ok()? {
+        let record = record.ok()?;
+        if record.answer {
+            answers.push(match record.rtype {
+                5 => {
+                    let (target, end) = read_name(bytes, record.rdata_at).ok()?;
+                    if end != record.rdata_at + record.rdata.len() {
                         return None;
                     }
                     target
                 }
-                _ => return None,
+                rtype => address(rtype, record.rdata)?,
             });
-        } else if rtype == 41 {
+        } else if record.rtype == 41 {
             // OPT: the upper eight bits of the extended response code sit in its TTL field.
-            rcode |= u16::from(fixed[4]) << 4;
+            rcode |= u16::from(record.ttl_high_byte) << 4;
         }
-        pos = end + 10 + rdlen;
     }
     Some((rcode, answers))
 }
@@ -318,28 +404,7 @@ fn read_common_answers(bytes: &[u8]) -> Option<(u16, Vec<String>)> {
 /// building any of them: what parsing the message fully would reject, at a fraction of the
 /// cost.
 fn check_framing(bytes: &[u8]) -> Result<(), DecodeError> {
-    let count = |at: usize| usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]]));
-    // The header is 12 bytes: checked by `parse_header_and_question` before.
-    let malformed = |what: &str| DecodeError::Malformed(what.to_owned());
-    let mut pos = 12;
-    for _ in 0..count(4) {
-        pos = skip_name(bytes, pos)? + 4;
-        if pos > bytes.len() {
-            return Err(malformed("question runs past the message"));
-        }
-    }
-    for _ in 0..count(6) + count(8) + count(10) {
-        let end = skip_name(bytes, pos)?;
-        let rdlen = bytes
-            .get(end + 8..end + 10)
-            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
-            .ok_or_else(|| malformed("record runs past the message"))?;
-        pos = end + 10 + rdlen;
-        if pos > bytes.len() {
-            return Err(malformed("record data runs past the message"));
-        }
-    }
-    Ok(())
+    Records::new(bytes)?.try_for_each(|record| record.map(|_| ()))
 }
 
 /// The offset just past the name at `start` (pointers are not followed: only their two bytes
@@ -351,62 +416,29 @@ fn skip_name(bytes: &[u8], start: usize) -> Result<usize, DecodeError> {
         let len = usize::from(
             *bytes
                 .get(pos)
-                .ok_or_else(|| DecodeError::Malformed("name runs past the message".to_owned()))?,
+                .ok_or_else(|| malformed("name runs past the message"))?,
         );
         match len & 0xc0 {
             0x00 if len == 0 => return Ok(pos + 1),
             0x00 => pos += 1 + len,
             0xc0 => return Ok(pos + 2),
-            _ => return Err(DecodeError::Malformed("reserved label type".to_owned())),
+            _ => return Err(malformed("reserved label type")),
         }
     }
-    Err(DecodeError::Malformed(
-        "name has too many labels".to_owned(),
-    ))
+    Err(malformed("name has too many labels"))
 }
 
 /// The A and AAAA answers that fit in a message cut short by the capture bound (a long TCP
 /// answer): records are read one by one until the bytes run out.
 fn salvage_addresses(bytes: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    let Some(qd) = bytes.get(4..6).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
-        return out;
+    let Ok(records) = Records::new(bytes) else {
+        return Vec::new();
     };
-    let Some(an) = bytes.get(6..8).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
-        return out;
-    };
-    let mut pos = 12;
-    for _ in 0..qd {
-        let Ok((_, end)) = read_name(bytes, pos) else {
-            return out;
-        };
-        pos = end + 4;
-    }
-    for _ in 0..an {
-        let Ok((_, end)) = read_name(bytes, pos) else {
-            return out;
-        };
-        let Some(fixed) = bytes.get(end..end + 10) else {
-            return out;
-        };
-        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
-        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
-        let Some(rdata) = bytes.get(end + 10..end + 10 + rdlen) else {
-            return out;
-        };
-        match (rtype, rdata.len()) {
-            (1, 4) => out
-                .push(std::net::Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]).to_string()),
-            (28, 16) => {
-                let mut a = [0u8; 16];
-                a.copy_from_slice(rdata);
-                out.push(std::net::Ipv6Addr::from(a).to_string());
-            }
-            _ => {}
-        }
-        pos = end + 10 + rdlen;
-    }
-    out
+    records
+        .map_while(Result::ok)
+        .take_while(|record| record.answer)
+        .filter_map(|record| address(record.rtype, record.rdata))
+        .collect()
 }
 
 /// Returns the name in presentation form and the offset just past it in the message.
