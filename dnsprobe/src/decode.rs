@@ -378,8 +378,9 @@ fn address(rtype: u16, rdata: &[u8]) -> Option<String> {
 /// anything else, which hickory-proto then reads (or rejects).
 fn read_common_answers(bytes: &[u8]) -> Option<(u16, Vec<String>)> {
     let mut rcode = u16::from(bytes[3] & 0x0f);
-    let mut answers = Vec::new();
-    for record in Records::new(bytes).ok()? {
+    let records = Records::new(bytes).ok()?;
+    let mut answers = Vec::with_capacity(records.answers);
+    for record in records {
         let record = record.ok()?;
         if record.answer {
             answers.push(match record.rtype {

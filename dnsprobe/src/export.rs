@@ -186,8 +186,8 @@ struct DropJson<'a> {
     detail: Option<&'a str>,
     location: &'a str,
     netns: u32,
-    src: String,
-    dst: String,
+    src: Shown<&'a SocketAddr>,
+    dst: Shown<&'a SocketAddr>,
     dns_id: Option<u16>,
 }
 
@@ -201,8 +201,8 @@ impl<'a> DropJson<'a> {
             detail: d.detail.as_deref(),
             location: &d.location,
             netns: d.netns_inum,
-            src: d.src.to_string(),
-            dst: d.dst.to_string(),
+            src: Shown(&d.src),
+            dst: Shown(&d.dst),
             dns_id: d.dns_id,
         }
     }

@@ -254,7 +254,11 @@ impl ResolverConfigs {
             self.by_cgroup
                 .retain(|_, (_, at)| at.elapsed() < RESOLVER_CONFIG_TTL);
         }
-        let cfg = cgroup_path.and_then(|p| self.read_cgroup(p));
+        // Without a path nothing can be read: remembering that as "no configuration" would
+        // hide the cgroup's file from the next caller that has its path (a late response
+        // looks its lookup up without one).
+        let path = cgroup_path?;
+        let cfg = self.read_cgroup(path);
         self.by_cgroup
             .insert(cgroup_id, (cfg.clone(), Instant::now()));
         cfg

@@ -293,10 +293,9 @@ impl Pipeline {
             dns_id: drop.dns_id(),
         };
         if let Some(unlinked) = self.tracker.on_drop(record) {
-            if self.recent.late_drop(&unlinked).is_some()
-                || self.waiting_drops.len() >= MAX_WAITING_DROPS
-            {
-                self.emit_unlinked(unlinked);
+            let late = self.recent.late_drop(&unlinked);
+            if late.is_some() || self.waiting_drops.len() >= MAX_WAITING_DROPS {
+                self.emit_unlinked(unlinked, late);
             } else {
                 // The drop ring and the packet ring are read separately: the query this drop
                 // belongs to may still be on its way. Try again for a moment.
@@ -305,12 +304,14 @@ impl Pipeline {
         }
     }
 
-    fn emit_unlinked(&mut self, unlinked: DropRecord) {
+    /// Reports a drop no pending query took; `late` is what `RecentQueries::late_drop` made
+    /// of it, when the caller already asked.
+    fn emit_unlinked(&mut self, unlinked: DropRecord, late: Option<LateArrival>) {
         self.stats.unlinked_drops += 1;
         for sink in &mut self.sinks {
             sink.packet_drop(&unlinked);
         }
-        if let Some(late) = self.recent.late_drop(&unlinked) {
+        if let Some(late) = late {
             self.late(late);
         }
     }
@@ -325,7 +326,10 @@ impl Pipeline {
             let ts = drop.ts_ns;
             if let Some(unlinked) = self.tracker.on_drop(drop) {
                 if now_ns.saturating_sub(ts) >= DROP_LINK_GRACE_NS {
-                    self.emit_unlinked(unlinked);
+                    {
+                        let late = self.recent.late_drop(&unlinked);
+                        self.emit_unlinked(unlinked, late);
+                    }
                 } else {
                     self.waiting_drops.push_back(unlinked);
                 }
@@ -364,7 +368,10 @@ impl Pipeline {
     pub fn close_all_lookups(&mut self) {
         while let Some(drop) = self.waiting_drops.pop_front() {
             if let Some(unlinked) = self.tracker.on_drop(drop) {
-                self.emit_unlinked(unlinked);
+                {
+                    let late = self.recent.late_drop(&unlinked);
+                    self.emit_unlinked(unlinked, late);
+                }
             }
         }
         self.lookups.close_all(&mut self.lookup_out);
