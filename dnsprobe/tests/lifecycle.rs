@@ -47,8 +47,18 @@ fn drop_program_loaded() -> bool {
         .args(["-j", "prog", "show"])
         .output()
         .expect("running bpftool");
+    // A failing bpftool must not read as "nothing loaded".
+    assert!(
+        out.status.success(),
+        "bpftool prog show failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let value: serde_json::Value = if text.trim().is_empty() {
+        serde_json::Value::Array(Vec::new())
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bpftool JSON ({e}): {text}"))
+    };
     value
         .as_array()
         .into_iter()
