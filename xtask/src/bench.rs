@@ -1795,7 +1795,8 @@ fn part4(
     if o.reported > perf.sent + perf.sent / 20 {
         let _ = writeln!(
             out,
-            "WARNING: the daemon reported {} queries but dnsperf sent {}: other DNS traffic ran              on the machine during the soak, so these figures are not the soak's alone.",
+            "WARNING: the daemon reported {} queries but dnsperf sent {}: other DNS traffic ran \
+             on the machine during the soak, so these figures are not the soak's alone.",
             o.reported, perf.sent
         );
     }

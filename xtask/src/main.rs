@@ -43,6 +43,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "tmux",
     "python3",
+    "python3-pip",
+    // cargo-fuzz (libFuzzer) and build scripts compile C and C++.
+    "g++",
 ];
 
 /// The offline Kubernetes schema validator the deploy manifest tests run (a PyPI package).
@@ -155,6 +158,7 @@ fn setup() -> Result<()> {
         );
     }
     debian_packages()?;
+    rust_components()?;
     nightly_toolchain()?;
     bpf_linker()?;
     python_packages()?;
@@ -332,6 +336,15 @@ fn fuzz_pipeline(step: &str, root: &Path, seconds: u32) -> Result<()> {
     run_step(step, &mut cmd)
 }
 
+/// `cargo fmt` and `cargo clippy` of the test step: absent from a rustup `minimal` profile.
+fn rust_components() -> Result<()> {
+    // Idempotent: rustup only reports the components as up to date when they are.
+    run_step(
+        "setup: rustfmt and clippy",
+        Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]),
+    )
+}
+
 fn python_packages() -> Result<()> {
     let step = "setup: python package kubernetes-validate";
     let wanted = KUBERNETES_VALIDATE_VERSION;
@@ -350,12 +363,16 @@ fn python_packages() -> Result<()> {
     }
     run_step(
         step,
-        Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            &format!("{KUBERNETES_VALIDATE}=={wanted}"),
-        ]),
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                &format!("{KUBERNETES_VALIDATE}=={wanted}"),
+            ])
+            // Debian marks its Python externally managed (PEP 668): pip refuses to install
+            // into it unless told that this machine is ours to change.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1"),
     )
 }
 
