@@ -299,7 +299,9 @@ impl OpenLookup {
     }
 }
 
-/// Latest response code of every question (name and type) asked, `None` when unanswered.
+/// Latest response code of every question (name and type) asked, `None` when unanswered: the
+/// reference the incremental `OpenLookup::questions` is checked against.
+#[cfg(test)]
 fn latest_rcodes(queries: &[FinishedQuery]) -> HashMap<(String, u16), Option<u16>> {
     let mut latest: HashMap<(String, u16), (u64, Option<u16>)> = HashMap::new();
     for q in queries {
@@ -823,7 +825,6 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
     // failed the lookup.
     let final_rcode = match &final_name {
         Some(final_name) => {
-            let latest = latest_rcodes(queries);
             let has_answers = !answers.is_empty();
             // The resolver insisted on a question when it resent it after waiting, or asked
             // again after a failure answer.
@@ -838,7 +839,14 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
                 waited || (rcode.is_some() && sends.len() > 1)
             };
             let mut worst: Option<Option<u16>> = None;
-            for ((name, qtype), rcode) in &latest {
+            // The latest answer of every question, kept as the queries finished.
+            for QuestionState {
+                name_lower: name,
+                qtype,
+                rcode,
+                ..
+            } in &lookup.questions
+            {
                 if name != final_name {
                     continue;
                 }
