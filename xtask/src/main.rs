@@ -54,6 +54,9 @@ const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+/// The LLVM major of `LLVM_BIN` and of bpf-linker's `llvm-22` feature: the nightly's rustc must
+/// emit bitcode of this LLVM for bpf-linker to read it.
+const LLVM_MAJOR: &str = "22";
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "dnsprobe project tasks")]
@@ -160,6 +163,7 @@ fn setup() -> Result<()> {
     debian_packages()?;
     rust_components()?;
     nightly_toolchain()?;
+    nightly_llvm()?;
     bpf_linker()?;
     python_packages()?;
     cargo_fuzz()?;
@@ -343,6 +347,26 @@ fn rust_components() -> Result<()> {
         "setup: rustfmt and clippy",
         Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]),
     )
+}
+
+/// Fails early, and says why, when the nightly's LLVM is not the one bpf-linker is built
+/// against: the eBPF build would otherwise fail deep inside bpf-linker.
+fn nightly_llvm() -> Result<()> {
+    let step = "setup: nightly LLVM";
+    let version = probe(Command::new("rustc").args(["+nightly", "-vV"]))
+        .with_context(|| format!("{step}: `rustc +nightly -vV` failed"))?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .with_context(|| format!("{step}: no `LLVM version` in `rustc +nightly -vV`"))?;
+    if major != LLVM_MAJOR {
+        bail!(
+            "{step}: the nightly toolchain uses LLVM {major}, bpf-linker is built against LLVM              {LLVM_MAJOR}: install a nightly with LLVM {LLVM_MAJOR} (nightly-2026-05-19, see              the Containerfile) as `nightly`"
+        );
+    }
+    eprintln!("xtask: {step}: {major}, as bpf-linker's");
+    Ok(())
 }
 
 fn python_packages() -> Result<()> {
