@@ -158,18 +158,11 @@ fn record_line(daemon: &Daemon, cgroup_path: &str) -> Option<Value> {
 }
 
 fn wait_for_record(daemon: &Daemon, cgroup_path: &str) -> Value {
-    let deadline = std::time::Instant::now() + RECORD_TIMEOUT;
-    loop {
-        if let Some(r) = record_line(daemon, cgroup_path) {
-            return r;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no record for {cgroup_path}; daemon stderr:\n{}",
-            daemon.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    daemon.wait_until(
+        &format!("a record for {cgroup_path}"),
+        RECORD_TIMEOUT,
+        |d| record_line(d, cgroup_path),
+    )
 }
 
 #[test]
