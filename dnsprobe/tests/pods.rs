@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::{fs, os::unix::fs::symlink, path::Path, time::Duration};
+use std::{fs, os::unix::fs::symlink, path::Path};
 
 use serde_json::Value;
 use support::{
