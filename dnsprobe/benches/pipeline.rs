@@ -4,7 +4,12 @@
 //! offline pipeline with JSON output to a sink. The baseline, measured in the same run, is
 //! reading and decoding the same records only. `cargo bench -p dnsprobe --bench pipeline`.
 
-use std::{hint::black_box, time::Instant};
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    hint::black_box,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
+};
 
 use dnsprobe::{
     decode::{decode_event, read_event},
@@ -15,6 +20,33 @@ use hickory_proto::{
     op::{Message, MessageType, Query},
     rr::{rdata::A, Name, RData, Record, RecordType},
 };
+
+/// Counts heap allocations, so the report can say how many a query costs: each is a
+/// malloc and a free on the daemon's hot path, and their number does not vary between runs.
+struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is passed on unchanged to the system allocator.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 fn message(id: u16, name: &str, qtype: RecordType, response: bool) -> Vec<u8> {
     let name = Name::from_ascii(name).expect("valid name");
@@ -148,10 +180,14 @@ fn resolver_like(queries: usize) -> Vec<Vec<u8>> {
     out
 }
 
-fn per_query_ns(records: &[Vec<u8>], queries: usize, f: impl FnOnce(&[Vec<u8>])) -> f64 {
+/// Time and allocations (including reallocations) per query of `f`.
+fn per_query(records: &[Vec<u8>], queries: usize, f: impl FnOnce(&[Vec<u8>])) -> (f64, f64) {
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed);
     let start = Instant::now();
     f(records);
-    start.elapsed().as_nanos() as f64 / queries as f64
+    let ns = start.elapsed().as_nanos() as f64 / queries as f64;
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - allocations;
+    (ns, allocations as f64 / queries as f64)
 }
 
 fn main() {
@@ -161,20 +197,26 @@ fn main() {
         .unwrap_or(400_000);
     let missing = std::env::temp_dir().join("dnsprobe-bench-missing-dir");
     println!(
-        "{:<14} {:>10} {:>12} {:>12} {:>8}",
-        "traffic", "queries", "decode ns/q", "full ns/q", "ratio"
+        "{:<14} {:>10} {:>12} {:>12} {:>8} {:>14} {:>12}",
+        "traffic",
+        "queries",
+        "decode ns/q",
+        "full ns/q",
+        "ratio",
+        "decode allocs/q",
+        "full allocs/q"
     );
     for (name, records) in [
         ("dnsperf-like", dnsperf_like(queries)),
         ("resolver-like", resolver_like(queries)),
     ] {
-        let decode = per_query_ns(&records, queries, |rs| {
+        let (decode, decode_allocs) = per_query(&records, queries, |rs| {
             for r in rs {
                 let _ = black_box(read_event(r).and_then(|e| decode_event(&e)));
             }
         });
         let mut pipeline = Pipeline::offline(&missing);
-        let full = per_query_ns(&records, queries, |rs| {
+        let (full, full_allocs) = per_query(&records, queries, |rs| {
             // The daemon's 100 ms tick, in the records' own clock.
             let mut next_tick = 0;
             for r in rs {
@@ -195,7 +237,7 @@ fn main() {
             "{name}: not every query was answered"
         );
         println!(
-            "{name:<14} {queries:>10} {decode:>12.0} {full:>12.0} {:>8.2}",
+            "{name:<14} {queries:>10} {decode:>12.0} {full:>12.0} {:>8.2} {decode_allocs:>14.1} {full_allocs:>12.1}",
             full / decode
         );
     }

@@ -11,14 +11,28 @@ use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt as _};
 
-use crate::decode::{Direction, Packet, Transport};
+use crate::{
+    decode::{Direction, Packet, Transport},
+    qname::Caseless,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct QueryKey {
     socket_cookie: u64,
     id: u16,
-    qname_lower: String,
+    qname: Caseless,
     qtype: u16,
+}
+
+impl QueryKey {
+    fn of(query: &FinishedQuery) -> Self {
+        Self {
+            socket_cookie: query.socket_cookie,
+            id: query.id,
+            qname: Caseless(query.qname.clone()),
+            qtype: query.qtype,
+        }
+    }
 }
 
 /// Where a query came from, as far as the kernel could tell at send time.
@@ -96,7 +110,8 @@ pub struct DropRecord {
 /// A query that is over: answered, or timed out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FinishedQuery {
-    pub qname: String,
+    /// As sent; shared with every index of the query (see `qname`).
+    pub qname: Arc<str>,
     pub qtype: u16,
     pub id: u16,
     pub transport: Transport,
@@ -152,7 +167,6 @@ impl Observation {
 
 struct Pending {
     query: FinishedQuery,
-    key: QueryKey,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -220,12 +234,11 @@ impl QueryTracker {
     }
 
     fn on_query(&mut self, packet: Packet, sender: impl FnOnce(&Packet) -> Sender) -> Observation {
-        let (qname_lower, qtype) = packet.message.question.key();
         let key = QueryKey {
             socket_cookie: packet.socket_cookie,
             id: packet.message.id,
-            qname_lower,
-            qtype,
+            qname: Caseless(packet.message.question.name.clone()),
+            qtype: packet.message.question.qtype,
         };
         if let Some(pending) = self
             .by_key
@@ -242,14 +255,13 @@ impl QueryTracker {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.stats.queries += 1;
-        self.by_key.insert(key.clone(), seq);
+        self.by_key.insert(key, seq);
         self.by_client.insert((packet.src, packet.message.id), seq);
         let sender = sender(&packet);
         let message = packet.message;
         self.pending.insert(
             seq,
             Box::new(Pending {
-                key,
                 query: FinishedQuery {
                     qname: message.question.name,
                     qtype: message.question.qtype,
@@ -273,12 +285,11 @@ impl QueryTracker {
     }
 
     fn on_response(&mut self, packet: Packet) -> Observation {
-        let (qname_lower, qtype) = packet.message.question.key();
         let key = QueryKey {
             socket_cookie: packet.socket_cookie,
             id: packet.message.id,
-            qname_lower,
-            qtype,
+            qname: Caseless(packet.message.question.name.clone()),
+            qtype: packet.message.question.qtype,
         };
         let Some(seq) = self.by_key.get(&key).copied() else {
             self.stats.unmatched_responses += 1;
@@ -301,8 +312,9 @@ impl QueryTracker {
     /// Takes a pending query out of every index.
     fn remove(&mut self, seq: u64) -> Option<Box<Pending>> {
         let pending = self.pending.remove(&seq)?;
-        if self.by_key.get(&pending.key) == Some(&seq) {
-            self.by_key.remove(&pending.key);
+        let key = QueryKey::of(&pending.query);
+        if self.by_key.get(&key) == Some(&seq) {
+            self.by_key.remove(&key);
         }
         let client_key = (pending.query.client, pending.query.id);
         if self.by_client.get(&client_key) == Some(&seq) {
@@ -723,7 +735,7 @@ pub struct RecentQueries {
 
 #[derive(Debug, Clone)]
 struct RecentQuery {
-    qname: String,
+    qname: Arc<str>,
     qtype: u16,
     first_send_ns: u64,
     answered: bool,

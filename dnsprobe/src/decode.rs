@@ -7,6 +7,7 @@
 use std::{
     borrow::Cow,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
 };
 
 use dnsprobe_common::{
@@ -68,16 +69,10 @@ impl Transport {
 /// The question of a DNS message, as matching needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Question {
-    /// Fully qualified, as on the wire (`www.example.com.`); case preserved for display.
-    pub name: String,
+    /// Fully qualified, as on the wire (`www.example.com.`); case preserved for display,
+    /// ignored in matching (see `qname`). Shared by everything that keeps the query.
+    pub name: Arc<str>,
     pub qtype: u16,
-}
-
-impl Question {
-    /// DNS names compare case-insensitively (RFC 4343); resolvers may randomise case (0x20).
-    pub fn key(&self) -> (String, u16) {
-        (self.name.to_ascii_lowercase(), self.qtype)
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,7 +251,9 @@ pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError
     if qdcount == 0 {
         return Err(DecodeError::NoQuestion);
     }
-    let (name, end) = read_name(bytes, 12)?;
+    let (name, end) = NAME_SCRATCH.with_borrow_mut(|scratch| {
+        read_name_into(bytes, 12, scratch).map(|end| (Arc::<str>::from(scratch.as_str()), end))
+    })?;
     let qtype_bytes = bytes.get(end..end + 4).ok_or(DecodeError::BadQuestion(
         "question ends before its type and class",
     ))?;
@@ -442,10 +439,23 @@ fn salvage_addresses(bytes: &[u8]) -> Vec<String> {
         .collect()
 }
 
+thread_local! {
+    /// Where question names are spelled out before they are copied, once, into the `Arc<str>`
+    /// every index of the query shares.
+    static NAME_SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 /// Returns the name in presentation form and the offset just past it in the message.
 fn read_name(bytes: &[u8], start: usize) -> Result<(String, usize), DecodeError> {
-    const MAX_POINTERS: usize = 16;
     let mut name = String::with_capacity(64);
+    let end = read_name_into(bytes, start, &mut name)?;
+    Ok((name, end))
+}
+
+/// `read_name` into `name` (cleared first), so that its buffer can be reused.
+fn read_name_into(bytes: &[u8], start: usize, name: &mut String) -> Result<usize, DecodeError> {
+    const MAX_POINTERS: usize = 16;
+    name.clear();
     let mut pos = start;
     let mut end = None;
     let mut pointers = 0;
@@ -461,7 +471,7 @@ fn read_name(bytes: &[u8], start: usize) -> Result<(String, usize), DecodeError>
                     if name.is_empty() {
                         name.push('.');
                     }
-                    return Ok((name, end));
+                    return Ok(end);
                 }
                 let label = bytes
                     .get(pos + 1..pos + 1 + len)
@@ -483,7 +493,12 @@ fn read_name(bytes: &[u8], start: usize) -> Result<(String, usize), DecodeError>
                                     name.push(b as char);
                                 }
                                 0x21..=0x7e => name.push(b as char),
-                                _ => name.push_str(&format!("\\{b:03}")),
+                                _ => {
+                                    name.push('\\');
+                                    for digit in [b / 100, b / 10 % 10, b % 10] {
+                                        name.push(char::from(b'0' + digit));
+                                    }
+                                }
                             }
                         }
                     }
@@ -580,7 +595,7 @@ mod tests {
         let m = decode_message(QUERY_A, false).unwrap();
         assert_eq!(m.id, 0x1234);
         assert!(!m.is_response);
-        assert_eq!(m.question.name, "www.example.com.");
+        assert_eq!(&*m.question.name, "www.example.com.");
         assert_eq!(qtype_name(m.question.qtype), "A");
         assert!(m.answers.is_empty());
     }
@@ -676,7 +691,7 @@ mod tests {
         assert!(m.partial);
         assert_eq!(m.id, 0x1234);
         assert!(m.is_response);
-        assert_eq!(m.question.name, "www.example.com.");
+        assert_eq!(&*m.question.name, "www.example.com.");
         assert!(m.answers.is_empty());
     }
 

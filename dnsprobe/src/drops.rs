@@ -216,7 +216,7 @@ mod tests {
         let d = decode_drop(&ev).unwrap();
         assert_eq!(d.dns_id(), Some(0xabcd));
         assert_eq!(d.src.to_string(), "10.0.0.1:40000");
-        assert_eq!(d.message.unwrap().question.name, "a.");
+        assert_eq!(&*d.message.unwrap().question.name, "a.");
 
         ev.l4_proto = PROTO_TCP;
         ev.payload[0] = 0;

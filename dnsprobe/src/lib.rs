@@ -24,4 +24,5 @@ pub mod lookup;
 pub mod metrics;
 pub mod pipeline;
 pub mod pods;
+pub mod qname;
 pub mod top;

@@ -22,6 +22,7 @@ use serde_json::json;
 use crate::{
     correlate::{FinishedQuery, Outcome},
     decode::{qtype_name, rcode_name, Transport},
+    qname::CaselessPrefix,
 };
 
 const RCODE_NOERROR: u16 = 0;
@@ -103,24 +104,26 @@ impl ResolverConfig {
     }
 
     /// Splits a query name into the name the program asked for and the search domain added to
-    /// it, if any (the longest matching domain, since domains can nest).
-    pub fn split<'a>(&self, qname_lower: &'a str) -> (&'a str, Option<&str>) {
-        let mut best: Option<&str> = None;
+    /// it, if any (the longest matching domain, since domains can nest). Case is ignored; the
+    /// parts keep the query's.
+    pub fn split<'a>(&self, qname: &'a str) -> (&'a str, Option<&'a str>) {
+        let mut best: Option<usize> = None;
         for domain in &self.search {
-            if qname_lower.len() > domain.len() + 1
-                && qname_lower.ends_with(domain.as_str())
-                && qname_lower.as_bytes()[qname_lower.len() - domain.len() - 1] == b'.'
-                && best.is_none_or(|b| domain.len() > b.len())
+            let Some(cut) = qname.len().checked_sub(domain.len()) else {
+                continue;
+            };
+            if cut > 1
+                && qname.as_bytes()[cut - 1] == b'.'
+                && qname.is_char_boundary(cut)
+                && qname[cut..].eq_ignore_ascii_case(domain)
+                && best.is_none_or(|b| cut < b)
             {
-                best = Some(domain);
+                best = Some(cut);
             }
         }
         match best {
-            Some(domain) => (
-                &qname_lower[..qname_lower.len() - domain.len()],
-                Some(domain),
-            ),
-            None => (qname_lower, None),
+            Some(cut) => (&qname[..cut], Some(&qname[cut..])),
+            None => (qname, None),
         }
     }
 }
@@ -270,8 +273,9 @@ struct LookupKey {
     /// The process, or failing that its cgroup: a lookup never spans processes.
     pid: Option<u32>,
     cgroup_id: u64,
-    /// The asked name, lower case, fully qualified.
-    name: String,
+    /// The asked name, fully qualified: the query name without the search domain its
+    /// resolver added.
+    name: CaselessPrefix,
 }
 
 /// A late response or an unread one, attached to the lookup of its query.
@@ -279,7 +283,7 @@ struct LookupKey {
 pub struct LateArrival {
     pub ts_ns: u64,
     pub id: u16,
-    pub qname: String,
+    pub qname: Arc<str>,
     pub qtype: u16,
     /// How long after the query's first send it arrived.
     pub after_first_send_ns: u64,
@@ -404,7 +408,8 @@ struct OpenLookup {
 /// One question of a lookup (name and type) and its latest answer.
 #[derive(Debug)]
 struct QuestionState {
-    name_lower: String,
+    /// As first sent; compared without case.
+    name: Arc<str>,
     qtype: u16,
     /// When the latest answer came (or the unanswered query was first sent).
     at_ns: u64,
@@ -437,7 +442,7 @@ impl OpenLookup {
     }
 
     fn name(&self) -> &str {
-        &self.key.name
+        self.key.name.as_str()
     }
 
     /// Adds a finished query, keeping `questions` and `settled` up to date.
@@ -448,7 +453,7 @@ impl OpenLookup {
         match self
             .questions
             .iter_mut()
-            .find(|q| q.qtype == query.qtype && q.name_lower.eq_ignore_ascii_case(&query.qname))
+            .find(|q| q.qtype == query.qtype && q.name.eq_ignore_ascii_case(&query.qname))
         {
             Some(q) => {
                 if at >= q.at_ns {
@@ -457,7 +462,7 @@ impl OpenLookup {
                 }
             }
             None => self.questions.push(QuestionState {
-                name_lower: query.qname.to_ascii_lowercase(),
+                name: query.qname.clone(),
                 qtype: query.qtype,
                 at_ns: at,
                 rcode: query.rcode,
@@ -471,10 +476,10 @@ impl OpenLookup {
     /// again then starts a new resolver call. Within `REACTION_NS` of the answer it is the same
     /// call going on: glibc asks over TCP after a truncated answer, and may ask A and AAAA
     /// again right after.
-    fn answered_before(&self, qname_lower: &str, qtype: u16, ts_ns: u64) -> bool {
+    fn answered_before(&self, qname: &str, qtype: u16, ts_ns: u64) -> bool {
         self.questions.iter().any(|q| {
             q.qtype == qtype
-                && q.name_lower == qname_lower
+                && q.name.eq_ignore_ascii_case(qname)
                 && is_definitive(q.rcode)
                 && q.at_ns.saturating_add(REACTION_NS) < ts_ns
         })
@@ -598,28 +603,26 @@ impl LookupTracker {
         self.configs.prune(grace);
     }
 
-    /// The lookup key of a query name, its lower-case form, and the resolver configuration
-    /// that tells expansions apart.
+    /// The lookup key of a query name and the resolver configuration that tells expansions
+    /// apart.
     fn key_for(
         &mut self,
         pid: Option<u32>,
         cgroup_id: u64,
         cgroup_path: Option<&str>,
-        qname: &str,
-    ) -> (LookupKey, String, Option<Arc<ResolverConfig>>) {
-        let qname_lower = qname.to_ascii_lowercase();
+        qname: &Arc<str>,
+    ) -> (LookupKey, Option<Arc<ResolverConfig>>) {
         let cfg = self.configs.get(pid, cgroup_id, cgroup_path);
-        let name = match &cfg {
-            Some(cfg) => cfg.split(&qname_lower).0.to_owned(),
-            None => qname_lower.clone(),
+        let asked = match &cfg {
+            Some(cfg) => cfg.split(qname).0.len(),
+            None => qname.len(),
         };
         (
             LookupKey {
                 pid,
                 cgroup_id,
-                name,
+                name: CaselessPrefix::new(qname.clone(), asked),
             },
-            qname_lower,
             cfg,
         )
     }
@@ -629,14 +632,13 @@ impl LookupTracker {
     pub fn query_started(
         &mut self,
         ts_ns: u64,
-        qname: &str,
+        qname: &Arc<str>,
         qtype: u16,
         sender: &crate::correlate::Sender,
         out: &mut Vec<LookupRecord>,
     ) -> LookupId {
         let cgroup_path = sender.cgroup_path.as_deref();
-        let (key, qname_lower, resolver) =
-            self.key_for(sender.pid, sender.cgroup_id, cgroup_path, qname);
+        let (key, resolver) = self.key_for(sender.pid, sender.cgroup_id, cgroup_path, qname);
         if let Some(&id) = self.by_key.get(&key) {
             if let Some(lookup) = self.open.get_mut(&id) {
                 let full = lookup.queries.len() + lookup.pending as usize >= MAX_QUERIES_PER_LOOKUP;
@@ -644,7 +646,7 @@ impl LookupTracker {
                 // asked again: the program called its resolver anew.
                 let new_call = lookup.pending == 0
                     && lookup.settled
-                    && lookup.answered_before(&qname_lower, qtype, ts_ns);
+                    && lookup.answered_before(qname, qtype, ts_ns);
                 if !full && !new_call {
                     lookup.pending += 1;
                     lookup.first_send_ns = lookup.first_send_ns.min(ts_ns);
@@ -687,7 +689,7 @@ impl LookupTracker {
     /// A response or drop that came too late for its query. Returns it back when no lookup is
     /// open for it any more.
     pub fn late_arrival(&mut self, late: LateArrival) -> Option<LateArrival> {
-        let (key, _, _) = self.key_for(late.pid, late.cgroup_id, None, &late.qname);
+        let (key, _) = self.key_for(late.pid, late.cgroup_id, None, &late.qname);
         match self.by_key.get(&key).and_then(|id| self.open.get_mut(id)) {
             Some(lookup) => {
                 lookup.late.push(late);
@@ -841,13 +843,10 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
             let mut worst: Option<Option<u16>> = None;
             // The latest answer of every question, kept as the queries finished.
             for QuestionState {
-                name_lower: name,
-                qtype,
-                rcode,
-                ..
+                name, qtype, rcode, ..
             } in &lookup.questions
             {
-                if name != final_name {
+                if !name.eq_ignore_ascii_case(final_name) {
                     continue;
                 }
                 let accepted_failure = has_answers
@@ -874,7 +873,7 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
     LookupRecord {
         event: "lookup",
         time_ns: lookup.first_send_ns,
-        name: lookup.key.name.clone(),
+        name: lookup.key.name.as_str().to_ascii_lowercase(),
         duration_ns,
         queries: queries.len(),
         search_expansions: expansions.len(),
@@ -1353,7 +1352,7 @@ mod tests {
         let key = LookupKey {
             pid: Some(7),
             cgroup_id: 99,
-            name: name.into(),
+            name: CaselessPrefix::new(name.into(), name.len()),
         };
         let resolver = Some(Arc::new(ResolverConfig {
             search: vec!["ns1.svc.cluster.local.".into()],
@@ -1631,14 +1630,14 @@ mod tests {
         );
         let mut out = Vec::new();
         let exp = "www.example.com.ns1.svc.cluster.local.";
-        let first = t.query_started(0, exp, 1, &sender(), &mut out);
-        let other = t.query_started(0, "other.example.", 1, &sender(), &mut out);
+        let first = t.query_started(0, &exp.into(), 1, &sender(), &mut out);
+        let other = t.query_started(0, &"other.example.".into(), 1, &sender(), &mut out);
         assert_ne!(first, other);
         t.query_finished(
             with_lookup(query(exp, 1, 1, &[0], Some(MS), Some(3)), first),
             MS,
         );
-        let own = t.query_started(2 * MS, "www.example.com.", 1, &sender(), &mut out);
+        let own = t.query_started(2 * MS, &"www.example.com.".into(), 1, &sender(), &mut out);
         assert_eq!(
             own, first,
             "the expansion and the name itself are one lookup"
@@ -1692,13 +1691,13 @@ mod tests {
     fn asking_an_answered_question_again_is_a_new_lookup() {
         let mut t = tracker(16);
         let mut out = Vec::new();
-        let a = t.query_started(0, "db.example.", 1, &sender(), &mut out);
+        let a = t.query_started(0, &"db.example.".into(), 1, &sender(), &mut out);
         t.query_finished(
             with_lookup(query("db.example.", 1, 1, &[0], Some(MS), Some(0)), a),
             MS,
         );
         // Asked again right after the answer (glibc after a TCP fallback): the same call.
-        let again = t.query_started(2 * MS, "db.example.", 1, &sender(), &mut out);
+        let again = t.query_started(2 * MS, &"db.example.".into(), 1, &sender(), &mut out);
         assert_eq!(again, a, "split within the reaction time");
         t.query_finished(
             with_lookup(
@@ -1708,7 +1707,7 @@ mod tests {
             3 * MS,
         );
         // Asked again 100 ms later, with nothing in flight: a new resolver call.
-        let b = t.query_started(103 * MS, "db.example.", 1, &sender(), &mut out);
+        let b = t.query_started(103 * MS, &"db.example.".into(), 1, &sender(), &mut out);
         assert_ne!(a, b, "a settled lookup took a new resolver call");
         t.query_finished(
             with_lookup(
@@ -1729,14 +1728,14 @@ mod tests {
         // sends both again: one lookup of four queries, not two.
         let mut t = tracker(16);
         let mut out = Vec::new();
-        let a = t.query_started(0, "db.example.", 1, &sender(), &mut out);
-        let aaaa = t.query_started(0, "db.example.", 28, &sender(), &mut out);
+        let a = t.query_started(0, &"db.example.".into(), 1, &sender(), &mut out);
+        let aaaa = t.query_started(0, &"db.example.".into(), 28, &sender(), &mut out);
         assert_eq!(a, aaaa);
         t.query_finished(
             with_lookup(query("db.example.", 1, 1, &[0], Some(MS), Some(0)), a),
             MS,
         );
-        let again = t.query_started(5_000 * MS, "db.example.", 1, &sender(), &mut out);
+        let again = t.query_started(5_000 * MS, &"db.example.".into(), 1, &sender(), &mut out);
         assert_eq!(again, a, "split while a question was still pending");
     }
 
@@ -1748,7 +1747,7 @@ mod tests {
         // A load generator: always some query of the name in flight.
         let mut pending = Vec::new();
         for i in 0..(3 * MAX_QUERIES_PER_LOOKUP as u64) {
-            let id = t.query_started(i * MS, "load.example.", 1, &sender(), &mut out);
+            let id = t.query_started(i * MS, &"load.example.".into(), 1, &sender(), &mut out);
             ids.insert(id);
             pending.push((i, id));
             if pending.len() > 8 {
@@ -1783,7 +1782,7 @@ mod tests {
         let mut ids = Vec::new();
         for i in 0..4u64 {
             let name = format!("n{i}.example.");
-            let id = t.query_started(i * MS, &name, 1, &sender(), &mut out);
+            let id = t.query_started(i * MS, &name.as_str().into(), 1, &sender(), &mut out);
             t.query_finished(
                 with_lookup(query(&name, 1, i as u16, &[i * MS], None, None), id),
                 i * MS,
@@ -1793,8 +1792,8 @@ mod tests {
         // Closed lookups leave stale ids in the order; eviction skips them.
         t.close(ids[0], &mut out);
         out.clear();
-        t.query_started(10 * MS, "n4.example.", 1, &sender(), &mut out);
-        t.query_started(11 * MS, "n5.example.", 1, &sender(), &mut out);
+        t.query_started(10 * MS, &"n4.example.".into(), 1, &sender(), &mut out);
+        t.query_started(11 * MS, &"n5.example.".into(), 1, &sender(), &mut out);
         assert_eq!(t.stats().evicted, 1);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].name, "n1.example.");

@@ -1,0 +1,127 @@
+//! Query names, shared and compared without case.
+//!
+//! A name is decoded once per packet into an `Arc<str>` that keeps the case it was sent with,
+//! for display. Every index that matches names (pending queries, lookups, recent queries)
+//! shares that one allocation and compares it case-insensitively (RFC 4343; resolvers may
+//! randomise case, 0x20) through the wrappers here, instead of keeping lower-case copies.
+
+use std::{
+    hash::{Hash, Hasher},
+    sync::Arc,
+};
+
+/// Feeds `bytes` to `state` as their ASCII lower case would be, without allocating: equal up
+/// to ASCII case means equal hashes. Chunked through a stack buffer, so any length works.
+pub fn hash_caseless<H: Hasher>(bytes: &[u8], state: &mut H) {
+    let mut buf = [0u8; 128];
+    for chunk in bytes.chunks(buf.len()) {
+        let lower = &mut buf[..chunk.len()];
+        lower.copy_from_slice(chunk);
+        lower.make_ascii_lowercase();
+        state.write(lower);
+    }
+    // Like `str`'s own `Hash`: the terminator keeps ("ab", "c") and ("a", "bc") apart in a
+    // key that hashes two names.
+    state.write_u8(0xff);
+}
+
+/// A name that hashes and compares without regard to ASCII case.
+#[derive(Debug, Clone)]
+pub struct Caseless(pub Arc<str>);
+
+impl PartialEq for Caseless {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.eq_ignore_ascii_case(&other.0)
+    }
+}
+
+impl Eq for Caseless {}
+
+impl Hash for Caseless {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        hash_caseless(self.0.as_bytes(), state);
+    }
+}
+
+/// The first `len` bytes of a shared name (the name a program asked for, with the search
+/// domain its resolver added cut off), hashed and compared without regard to ASCII case.
+#[derive(Debug, Clone)]
+pub struct CaselessPrefix {
+    name: Arc<str>,
+    len: usize,
+}
+
+impl CaselessPrefix {
+    /// `len` is clamped to the name and moved back to a character boundary, so any value is
+    /// safe.
+    pub fn new(name: Arc<str>, len: usize) -> Self {
+        let mut len = len.min(name.len());
+        while !name.is_char_boundary(len) {
+            len -= 1;
+        }
+        Self { name, len }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.name[..self.len]
+    }
+}
+
+impl PartialEq for CaselessPrefix {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str().eq_ignore_ascii_case(other.as_str())
+    }
+}
+
+impl Eq for CaselessPrefix {}
+
+impl Hash for CaselessPrefix {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        hash_caseless(self.as_str().as_bytes(), state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher;
+
+    use super::*;
+
+    fn hash_of(value: &impl Hash) -> u64 {
+        foldhash::quality::FixedState::with_seed(7).hash_one(value)
+    }
+
+    #[test]
+    fn case_does_not_change_equality_or_hash() {
+        let a = Caseless("WWW.Example.COM.".into());
+        let b = Caseless("www.example.com.".into());
+        assert_eq!(a, b);
+        assert_eq!(hash_of(&a), hash_of(&b));
+        assert_ne!(a, Caseless("www.example.org.".into()));
+        assert_ne!(hash_of(&a), hash_of(&Caseless("www.example.org.".into())));
+    }
+
+    #[test]
+    fn long_names_hash_across_chunks() {
+        let long: String = (0..300)
+            .map(|i| if i % 2 == 0 { 'A' } else { 'b' })
+            .collect();
+        let a = Caseless(long.as_str().into());
+        let b = Caseless(long.to_ascii_lowercase().into());
+        assert_eq!(hash_of(&a), hash_of(&b));
+        let mut other = long.to_ascii_lowercase();
+        other.replace_range(299.., "c");
+        assert_ne!(hash_of(&a), hash_of(&Caseless(other.into())));
+    }
+
+    #[test]
+    fn prefix_compares_only_its_part() {
+        let asked = CaselessPrefix::new("Api.ns1.svc.cluster.local.".into(), 4);
+        let plain = CaselessPrefix::new("api.".into(), 4);
+        assert_eq!(asked.as_str(), "Api.");
+        assert_eq!(asked, plain);
+        assert_eq!(hash_of(&asked), hash_of(&plain));
+        assert_eq!(CaselessPrefix::new("é.".into(), 1).as_str(), "");
+        assert_eq!(CaselessPrefix::new("a.".into(), 99).as_str(), "a.");
+    }
+}
