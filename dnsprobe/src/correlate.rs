@@ -690,6 +690,56 @@ mod tests {
         assert_eq!(done.drops.len(), 1);
     }
 
+    /// Finished queries from the tracker: `sends` sends of id 42 on one socket, then a response
+    /// at 1_000 or none (expired at 10_000).
+    fn finished_query(sends: u64, answered: bool) -> FinishedQuery {
+        let mut t = QueryTracker::new(5_000, 16);
+        for i in 0..sends {
+            t.observe(
+                packet(Direction::Egress, 100 + i, 1, 42, "a.test.", false),
+                sender,
+            );
+        }
+        if answered {
+            return t
+                .observe(
+                    packet(Direction::Ingress, 1_000, 1, 42, "a.test.", true),
+                    sender,
+                )
+                .finished()
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        t.expire(10_000, &mut out);
+        out.pop().unwrap()
+    }
+
+    #[test]
+    fn recent_queries_explain_late_responses_of_unanswered_and_resent_queries() {
+        let late = packet(Direction::Ingress, 20_000, 1, 42, "A.test.", true);
+        let why = |sends, answered| {
+            let mut recent = RecentQueries::new(100_000, 16);
+            recent.remember(&finished_query(sends, answered), 10_000);
+            recent
+                .late_response(&late)
+                .map(|l| (l.why, l.after_first_send_ns))
+        };
+        assert_eq!(why(1, false), Some(("after_timeout".into(), 19_900)));
+        assert_eq!(why(2, true), Some(("duplicate".into(), 19_900)));
+        // Sent once and answered: no other response is expected, none is kept for it.
+        assert_eq!(why(1, true), None);
+
+        let mut recent = RecentQueries::new(100_000, 2);
+        for _ in 0..3 {
+            recent.remember(&finished_query(1, false), 10_000);
+        }
+        assert_eq!(recent.len(), 1, "one entry per client and id");
+        recent.expire(109_999);
+        assert_eq!(recent.len(), 1);
+        recent.expire(110_000);
+        assert_eq!(recent.len(), 0);
+    }
+
     #[test]
     fn inflight_is_bounded_with_eviction_counted() {
         let mut t = QueryTracker::new(u64::MAX, 3);
@@ -758,7 +808,17 @@ impl RecentQueries {
         self.by_client.len()
     }
 
+    /// Keeps what a late response or drop needs to be explained, for the queries that can get
+    /// one the client did not take: unanswered ones, and ones sent more than once (the answer
+    /// to an earlier send can come after the one that ended the query). A query sent once and
+    /// answered once gets another response only if the server or the network duplicates it;
+    /// that one is counted in `unmatched_responses`. Remembering every query made each one
+    /// cost an insert and an eviction in a table as large as `--max-inflight`: an eighth of
+    /// the daemon's time under load.
     pub fn remember(&mut self, q: &FinishedQuery, now_ns: u64) {
+        if q.outcome == Outcome::Answered && q.send_ts_ns.len() < 2 {
+            return;
+        }
         while self.order.len() >= self.cap {
             self.pop_oldest();
         }

@@ -1,7 +1,6 @@
 //! Writes finished queries as JSON lines or readable text.
 
 use std::{
-    borrow::Cow,
     io::{self, Write},
     net::SocketAddr,
 };
@@ -67,66 +66,233 @@ pub fn rfc3339_nanos(epoch_ns: i128) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct Timestamp(pub i128);
 
-impl std::fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Timestamp {
+    /// The text of a year in 0..=9999, built on the stack; `None` for any other year.
+    fn common(&self) -> Option<[u8; 30]> {
         let secs = self.0.div_euclid(1_000_000_000) as i64;
         let nanos = self.0.rem_euclid(1_000_000_000) as u32;
         let days = secs.div_euclid(86_400);
         let sod = secs.rem_euclid(86_400) as u32;
         let (y, m, d) = civil_from_days(days);
         if !(0..=9999).contains(&y) {
-            return write!(
-                f,
-                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-                sod / 3600,
-                (sod / 60) % 60,
-                sod % 60
-            );
+            return None;
         }
         let mut b = *b"0000-00-00T00:00:00.000000000Z";
-        let mut put = |at: usize, width: usize, mut v: u32| {
-            for i in (at..at + width).rev() {
-                b[i] = b'0' + (v % 10) as u8;
-                v /= 10;
+        put_digits(&mut b[0..4], y as u32);
+        put_digits(&mut b[5..7], m);
+        put_digits(&mut b[8..10], d);
+        put_digits(&mut b[11..13], sod / 3600);
+        put_digits(&mut b[14..16], (sod / 60) % 60);
+        put_digits(&mut b[17..19], sod % 60);
+        put_digits(&mut b[20..29], nanos);
+        Some(b)
+    }
+}
+
+/// Writes the low decimal digits of `v` into all of `out`, zero-padded.
+fn put_digits(out: &mut [u8], mut v: u32) {
+    for slot in out.iter_mut().rev() {
+        *slot = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.common() {
+            // Only ASCII digits and separators were written.
+            Some(b) => f.write_str(std::str::from_utf8(&b).map_err(|_| std::fmt::Error)?),
+            None => {
+                let secs = self.0.div_euclid(1_000_000_000) as i64;
+                let nanos = self.0.rem_euclid(1_000_000_000) as u32;
+                let sod = secs.rem_euclid(86_400) as u32;
+                let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+                write!(
+                    f,
+                    "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+                    sod / 3600,
+                    (sod / 60) % 60,
+                    sod % 60
+                )
             }
-        };
-        put(0, 4, y as u32);
-        put(5, 2, m);
-        put(8, 2, d);
-        put(11, 2, sod / 3600);
-        put(14, 2, (sod / 60) % 60);
-        put(17, 2, sod % 60);
-        put(20, 9, nanos);
-        // Only ASCII digits and separators were written.
-        f.write_str(std::str::from_utf8(&b).map_err(|_| std::fmt::Error)?)
+        }
     }
 }
 
 impl Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        match self.common() {
+            Some(b) => s.serialize_str(std::str::from_utf8(&b).map_err(serde::ser::Error::custom)?),
+            None => s.collect_str(self),
+        }
     }
 }
 
-/// Serialises a value through its `Display`, without an intermediate `String`.
-pub struct Shown<T>(pub T);
+/// A socket address serialised as its `Display` text (`10.0.0.1:53`, `[fd00::1]:53`), built
+/// on the stack: two or more are in every record, and `Display` through the formatting
+/// machinery cost as much as the rest of the record.
+pub struct SocketText<'a>(pub &'a SocketAddr);
 
-impl<T: std::fmt::Display> Serialize for Shown<T> {
+impl SocketText<'_> {
+    /// The text in a stack buffer, and its length.
+    fn text(&self) -> Result<([u8; 80], usize), std::io::Error> {
+        let mut buf = [0u8; 80];
+        let len = match self.0 {
+            SocketAddr::V4(v4) => {
+                let mut at = 0;
+                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        buf[at] = b'.';
+                        at += 1;
+                    }
+                    at += put_decimal(&mut buf[at..], u32::from(octet));
+                }
+                buf[at] = b':';
+                at += 1;
+                at + put_decimal(&mut buf[at..], u32::from(v4.port()))
+            }
+            SocketAddr::V6(_) => {
+                use std::io::Write as _;
+                let mut cursor = std::io::Cursor::new(&mut buf[..]);
+                // At most 64 bytes: "[", 45 of address, "%" and 10 of scope id, "]:65535".
+                write!(cursor, "{}", self.0)?;
+                cursor.position() as usize
+            }
+        };
+        Ok((buf, len))
+    }
+}
+
+impl Serialize for SocketText<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
+        let (buf, len) = self.text().map_err(serde::ser::Error::custom)?;
+        s.serialize_str(std::str::from_utf8(&buf[..len]).map_err(serde::ser::Error::custom)?)
     }
 }
 
-/// The send times of a query, as a JSON array of [`Timestamp`]s.
-struct SendTimes<'a> {
-    sends: &'a [u64],
-    clock: WallClock,
+/// A JSON object written field by field into a byte buffer. Query records are written with it
+/// rather than through serde: one is written for every query, and serde_json's generic path
+/// (keys escaped at run time, every value through a trait call) cost twice as much. The
+/// output is the same JSON; `tests::query_record_fields` reads it back.
+struct JsonObject<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
 }
 
-impl Serialize for SendTimes<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.sends.iter().map(|&t| Timestamp(self.clock.wall_ns(t))))
+impl<'a> JsonObject<'a> {
+    fn begin(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self { out, first: true }
     }
+
+    /// Starts a field; `name` needs no escaping (a literal of this module).
+    fn key(&mut self, name: &str) -> &mut Vec<u8> {
+        if !std::mem::take(&mut self.first) {
+            self.out.push(b',');
+        }
+        self.out.push(b'"');
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.out
+    }
+
+    fn str(&mut self, name: &str, value: &str) {
+        push_json_str(self.key(name), value);
+    }
+
+    fn opt_str(&mut self, name: &str, value: Option<&str>) {
+        match value {
+            Some(v) => self.str(name, v),
+            None => self.key(name).extend_from_slice(b"null"),
+        }
+    }
+
+    fn num(&mut self, name: &str, value: impl itoa::Integer) {
+        let mut digits = itoa::Buffer::new();
+        self.key(name)
+            .extend_from_slice(digits.format(value).as_bytes());
+    }
+
+    fn opt_num(&mut self, name: &str, value: Option<impl itoa::Integer>) {
+        match value {
+            Some(v) => self.num(name, v),
+            None => self.key(name).extend_from_slice(b"null"),
+        }
+    }
+
+    fn bool(&mut self, name: &str, value: bool) {
+        let text: &[u8] = if value { b"true" } else { b"false" };
+        self.key(name).extend_from_slice(text);
+    }
+
+    fn time(&mut self, name: &str, t: Timestamp) {
+        push_json_time(self.key(name), t);
+    }
+
+    fn socket(&mut self, name: &str, addr: &SocketAddr) -> Result<(), ExportError> {
+        let (buf, len) = SocketText(addr).text()?;
+        let out = self.key(name);
+        out.push(b'"');
+        out.extend_from_slice(&buf[..len]);
+        out.push(b'"');
+        Ok(())
+    }
+
+    /// A value serde writes (nested objects, rare fields).
+    fn serde(&mut self, name: &str, value: &impl Serialize) -> Result<(), ExportError> {
+        serde_json::to_writer(&mut *self.key(name), value)?;
+        Ok(())
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// `value` as a JSON string, escaped as serde_json escapes it.
+fn push_json_str(out: &mut Vec<u8>, value: &str) {
+    out.push(b'"');
+    let bytes = value.as_bytes();
+    if bytes.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.extend_from_slice(bytes);
+    } else {
+        for &b in bytes {
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                0x00..=0x1f => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(b"\\u00");
+                    out.push(HEX[usize::from(b >> 4)]);
+                    out.push(HEX[usize::from(b & 0x0f)]);
+                }
+                _ => out.push(b),
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+fn push_json_time(out: &mut Vec<u8>, t: Timestamp) {
+    out.push(b'"');
+    match t.common() {
+        Some(text) => out.extend_from_slice(&text),
+        None => out.extend_from_slice(t.to_string().as_bytes()),
+    }
+    out.push(b'"');
+}
+
+/// Writes `v` in decimal at the start of `out` (which must hold 10 bytes) and returns how many
+/// bytes it took.
+fn put_decimal(out: &mut [u8], v: u32) -> usize {
+    let digits = v.checked_ilog10().unwrap_or(0) as usize + 1;
+    put_digits(&mut out[..digits], v);
+    digits
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -144,40 +310,6 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 #[derive(Serialize)]
-struct QueryRecord<'a> {
-    event: &'static str,
-    time: Timestamp,
-    qname: &'a str,
-    qtype: Cow<'static, str>,
-    id: u16,
-    transport: &'static str,
-    client: Shown<&'a SocketAddr>,
-    server: Shown<&'a SocketAddr>,
-    outcome: &'static str,
-    rcode: Option<Cow<'static, str>>,
-    latency_ns: Option<u64>,
-    sends: usize,
-    /// Every send, first one first (RFC 3339).
-    send_times: SendTimes<'a>,
-    answers: &'a [String],
-    truncated: bool,
-    pid: Option<u32>,
-    tid: Option<u32>,
-    comm: Option<&'a str>,
-    thread_comm: Option<&'a str>,
-    cgroup_id: u64,
-    cgroup_path: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pod: Option<&'a PodIdentity>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    container: Option<&'a ContainerIdentity>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    host_unit: Option<&'a str>,
-    socket_cookie: u64,
-    drops: Vec<DropJson<'a>>,
-}
-
-#[derive(Serialize)]
 struct DropJson<'a> {
     time: Timestamp,
     packet: &'static str,
@@ -186,8 +318,8 @@ struct DropJson<'a> {
     detail: Option<&'a str>,
     location: &'a str,
     netns: u32,
-    src: Shown<&'a SocketAddr>,
-    dst: Shown<&'a SocketAddr>,
+    src: SocketText<'a>,
+    dst: SocketText<'a>,
     dns_id: Option<u16>,
 }
 
@@ -201,8 +333,8 @@ impl<'a> DropJson<'a> {
             detail: d.detail.as_deref(),
             location: &d.location,
             netns: d.netns_inum,
-            src: Shown(&d.src),
-            dst: Shown(&d.dst),
+            src: SocketText(&d.src),
+            dst: SocketText(&d.dst),
             dns_id: d.dns_id,
         }
     }
@@ -301,50 +433,10 @@ impl<W: Write> RecordWriter<W> {
     pub fn write_query(&mut self, q: &FinishedQuery) -> Result<(), ExportError> {
         match self.format {
             RecordFormat::Json => {
-                let record = QueryRecord {
-                    event: "query",
-                    time: Timestamp(self.clock.wall_ns(q.first_send_ns())),
-                    qname: &q.qname,
-                    qtype: qtype_mnemonic(q.qtype),
-                    id: q.id,
-                    transport: q.transport.as_str(),
-                    client: Shown(&q.client),
-                    server: Shown(&q.server),
-                    outcome: q.outcome.as_str(),
-                    rcode: q.rcode.map(rcode_mnemonic),
-                    latency_ns: q.latency_ns(),
-                    sends: q.send_ts_ns.len(),
-                    send_times: SendTimes {
-                        sends: &q.send_ts_ns,
-                        clock: self.clock,
-                    },
-                    answers: &q.answers,
-                    truncated: q.truncated,
-                    pid: q.sender.pid,
-                    tid: q.sender.tid,
-                    comm: q.sender.comm.as_deref(),
-                    thread_comm: q.sender.thread_comm.as_deref(),
-                    cgroup_id: q.sender.cgroup_id,
-                    cgroup_path: q.sender.cgroup_path.as_deref(),
-                    pod: q.sender.workload.as_deref().and_then(|w| w.pod.as_ref()),
-                    container: q
-                        .sender
-                        .workload
-                        .as_deref()
-                        .and_then(|w| w.container.as_ref()),
-                    host_unit: q
-                        .sender
-                        .workload
-                        .as_deref()
-                        .and_then(|w| w.host_unit.as_deref()),
-                    socket_cookie: q.socket_cookie,
-                    drops: q
-                        .drops
-                        .iter()
-                        .map(|d| DropJson::new(d, &self.clock))
-                        .collect(),
-                };
-                self.json_line(&record)?;
+                self.line.clear();
+                self.query_json(q)?;
+                self.line.push(b'\n');
+                self.out.write_all(&self.line)?;
             }
             RecordFormat::Text => {
                 let line = text_line(q, &self.clock);
@@ -352,6 +444,70 @@ impl<W: Write> RecordWriter<W> {
             }
         }
         self.written += 1;
+        Ok(())
+    }
+
+    /// A query record into `self.line`, in the field order of the README.
+    fn query_json(&mut self, q: &FinishedQuery) -> Result<(), ExportError> {
+        let clock = self.clock;
+        let mut o = JsonObject::begin(&mut self.line);
+        o.str("event", "query");
+        o.time("time", Timestamp(clock.wall_ns(q.first_send_ns())));
+        o.str("qname", &q.qname);
+        o.str("qtype", &qtype_mnemonic(q.qtype));
+        o.num("id", q.id);
+        o.str("transport", q.transport.as_str());
+        o.socket("client", &q.client)?;
+        o.socket("server", &q.server)?;
+        o.str("outcome", q.outcome.as_str());
+        o.opt_str("rcode", q.rcode.map(rcode_mnemonic).as_deref());
+        o.opt_num("latency_ns", q.latency_ns());
+        o.num("sends", q.send_ts_ns.len());
+        let out = o.key("send_times");
+        out.push(b'[');
+        for (i, &t) in q.send_ts_ns.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_json_time(out, Timestamp(clock.wall_ns(t)));
+        }
+        out.push(b']');
+        let out = o.key("answers");
+        out.push(b'[');
+        for (i, answer) in q.answers.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_json_str(out, answer);
+        }
+        out.push(b']');
+        o.bool("truncated", q.truncated);
+        o.opt_num("pid", q.sender.pid);
+        o.opt_num("tid", q.sender.tid);
+        o.opt_str("comm", q.sender.comm.as_deref());
+        o.opt_str("thread_comm", q.sender.thread_comm.as_deref());
+        o.num("cgroup_id", q.sender.cgroup_id);
+        o.opt_str("cgroup_path", q.sender.cgroup_path.as_deref());
+        if let Some(workload) = q.sender.workload.as_deref() {
+            if let Some(pod) = &workload.pod {
+                o.serde("pod", pod)?;
+            }
+            if let Some(container) = &workload.container {
+                o.serde("container", container)?;
+            }
+            if let Some(unit) = &workload.host_unit {
+                o.str("host_unit", unit);
+            }
+        }
+        o.num("socket_cookie", q.socket_cookie);
+        if q.drops.is_empty() {
+            o.key("drops").extend_from_slice(b"[]");
+        } else {
+            let drops: Vec<DropJson<'_>> =
+                q.drops.iter().map(|d| DropJson::new(d, &clock)).collect();
+            o.serde("drops", &drops)?;
+        }
+        o.end();
         Ok(())
     }
 
@@ -552,6 +708,40 @@ mod tests {
     use super::*;
     use crate::{correlate::Sender, decode::Transport};
 
+    /// The stack-built texts read exactly as `Display` writes them.
+    #[test]
+    fn socket_and_time_texts_match_display() {
+        for addr in [
+            "0.0.0.0:0",
+            "10.1.0.2:53",
+            "255.255.255.255:65535",
+            "1.22.103.9:4000",
+            "[fd00::1]:40000",
+            "[::ffff:255.255.255.255]:65535",
+            "[fe80::1:2:3:4%4294967295]:65535",
+        ] {
+            let parsed: SocketAddr = addr.parse().unwrap();
+            let json = serde_json::to_string(&SocketText(&parsed)).unwrap();
+            assert_eq!(json, format!("\"{parsed}\""), "{addr}");
+        }
+        for ns in [
+            0i128,
+            1_764_115_263_123_456_789,
+            -1,
+            253_402_300_799_999_999_999,
+            253_402_300_800_000_000_000,
+            -62_167_219_200_000_000_001,
+        ] {
+            let t = Timestamp(ns);
+            let json = serde_json::to_string(&t).unwrap();
+            assert_eq!(json, format!("\"{t}\""), "{ns}");
+        }
+        assert_eq!(
+            Timestamp(1_764_115_263_123_456_789).to_string(),
+            "2025-11-26T00:01:03.123456789Z"
+        );
+    }
+
     fn finished(outcome: Outcome) -> FinishedQuery {
         FinishedQuery {
             qname: "www.test.internal.".into(),
@@ -627,6 +817,137 @@ mod tests {
         assert_eq!(u["outcome"], "unanswered");
         assert!(u["rcode"].is_null());
         assert!(u["latency_ns"].is_null());
+    }
+
+    /// The hand-written query record, read back as JSON: every field, in the README's order,
+    /// with strings that need escaping, a pod, a container and a drop.
+    #[test]
+    fn query_record_fields() {
+        use crate::attribute::{ContainerIdentity, PodIdentity, Workload};
+        let clock = WallClock { offset_ns: 0 };
+        let mut q = finished(Outcome::Dropped);
+        q.qname = "we\"ird\\na\u{1}me\n\t.ünï.".into();
+        q.client = "10.1.0.2:40000".parse().unwrap();
+        q.server = "10.1.0.1:53".parse().unwrap();
+        q.sender.comm = Some("a\"b".into());
+        q.sender.thread_comm = None;
+        q.sender.pid = None;
+        q.sender.workload = Some(std::sync::Arc::new(Workload {
+            pod: Some(PodIdentity {
+                namespace: Some("ns".into()),
+                name: Some("web-0".into()),
+                uid: "u-1".into(),
+                qos: None,
+            }),
+            container: Some(ContainerIdentity {
+                id: "c1".into(),
+                name: Some("app".into()),
+                runtime: None,
+            }),
+            host_unit: None,
+        }));
+        q.drops = vec![DropRecord {
+            ts_ns: 1_500_000_000,
+            packet: crate::correlate::DroppedPacket::Query,
+            reason: "NETFILTER_DROP".into(),
+            kind: "conntrack_insert_failed".into(),
+            detail: None,
+            location: "nf_hook_slow+0x4c".into(),
+            netns_inum: 5,
+            src: q.client,
+            dst: q.server,
+            dns_id: Some(4242),
+        }];
+        let mut w = RecordWriter::new(Vec::new(), RecordFormat::Json, clock);
+        w.write_query(&q).unwrap();
+        let text = String::from_utf8(w.out).unwrap();
+        assert!(text.ends_with("}\n") && text.lines().count() == 1, "{text}");
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let expected = serde_json::json!({
+            "event": "query",
+            "time": "1970-01-01T00:00:01.000000000Z",
+            "qname": "we\"ird\\na\u{1}me\n\t.ünï.",
+            "qtype": "AAAA",
+            "id": 4242,
+            "transport": "udp",
+            "client": "10.1.0.2:40000",
+            "server": "10.1.0.1:53",
+            "outcome": "dropped",
+            "rcode": null,
+            "latency_ns": null,
+            "sends": 2,
+            "send_times": ["1970-01-01T00:00:01.000000000Z", "1970-01-01T00:00:02.000000000Z"],
+            "answers": ["fd00::3"],
+            "truncated": false,
+            "pid": null,
+            "tid": 11,
+            "comm": "a\"b",
+            "thread_comm": null,
+            "cgroup_id": 77,
+            "cgroup_path": "/t",
+            "pod": {"namespace": "ns", "name": "web-0", "uid": "u-1", "qos": null},
+            "container": {"id": "c1", "name": "app", "runtime": null},
+            "socket_cookie": 9,
+            "drops": [{
+                "time": "1970-01-01T00:00:01.500000000Z",
+                "packet": "query",
+                "reason": "NETFILTER_DROP",
+                "kind": "conntrack_insert_failed",
+                "detail": null,
+                "location": "nf_hook_slow+0x4c",
+                "netns": 5,
+                "src": "10.1.0.2:40000",
+                "dst": "10.1.0.1:53",
+                "dns_id": 4242,
+            }],
+        });
+        assert_eq!(value, expected);
+        // Field order: serde_json's map keeps keys sorted, so check the text itself.
+        let keys: Vec<usize> = expected
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| text.find(&format!("\"{k}\":")).unwrap())
+            .collect();
+        let mut order: Vec<(&str, usize)> = expected
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .zip(keys)
+            .collect();
+        order.sort_by_key(|(_, at)| *at);
+        let order: Vec<&str> = order.into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            order,
+            [
+                "event",
+                "time",
+                "qname",
+                "qtype",
+                "id",
+                "transport",
+                "client",
+                "server",
+                "outcome",
+                "rcode",
+                "latency_ns",
+                "sends",
+                "send_times",
+                "answers",
+                "truncated",
+                "pid",
+                "tid",
+                "comm",
+                "thread_comm",
+                "cgroup_id",
+                "cgroup_path",
+                "pod",
+                "container",
+                "socket_cookie",
+                "drops",
+            ]
+        );
     }
 
     #[test]
