@@ -124,7 +124,7 @@ pub struct FinishedQuery {
     pub outcome: Outcome,
     pub rcode: Option<u16>,
     pub truncated: bool,
-    pub answers: Vec<String>,
+    pub answers: Vec<crate::decode::Answer>,
     pub sender: Sender,
     pub drops: Vec<DropRecord>,
 }

@@ -75,6 +75,51 @@ pub struct Question {
     pub qtype: u16,
 }
 
+/// One record of a response's answer section. Addresses, nearly every answer, are kept as
+/// addresses and spelled out only when written: formatting each one as it arrived cost more
+/// than reading the rest of the response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Address(IpAddr),
+    /// Any other record's data in presentation form (a CNAME target, TXT strings, ...).
+    Text(Box<str>),
+}
+
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Address(ip) => ip.fmt(f),
+            Answer::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+impl From<&str> for Answer {
+    /// An address when the text is one, else the text.
+    fn from(text: &str) -> Self {
+        match text.parse() {
+            Ok(ip) => Answer::Address(ip),
+            Err(_) => Answer::Text(text.into()),
+        }
+    }
+}
+
+/// For tests and comparisons with expected text: equal when `text` reads as this answer.
+impl PartialEq<&str> for Answer {
+    fn eq(&self, text: &&str) -> bool {
+        *self == Answer::from(*text)
+    }
+}
+
+impl serde::Serialize for Answer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Answer::Address(ip) => s.collect_str(ip),
+            Answer::Text(text) => s.serialize_str(text),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsMessage {
     pub id: u16,
@@ -84,8 +129,8 @@ pub struct DnsMessage {
     /// The TC bit.
     pub truncated: bool,
     pub question: Question,
-    /// Answer-section data as text (`93.184.216.34`, `alias.example.com.`, ...).
-    pub answers: Vec<String>,
+    /// Answer-section data (`93.184.216.34`, `alias.example.com.`, ...).
+    pub answers: Vec<Answer>,
     /// Only header and question were read: the capture was cut short.
     pub partial: bool,
 }
@@ -221,9 +266,9 @@ pub fn decode_message(bytes: &[u8], cut_short: bool) -> Result<DnsMessage, Decod
                 .answers
                 .iter()
                 .map(|record| match &record.data {
-                    RData::A(a) => a.0.to_string(),
-                    RData::AAAA(aaaa) => aaaa.0.to_string(),
-                    other => other.to_string(),
+                    RData::A(a) => Answer::Address(IpAddr::V4(a.0)),
+                    RData::AAAA(aaaa) => Answer::Address(IpAddr::V6(aaaa.0)),
+                    other => Answer::Text(other.to_string().into()),
                 })
                 .collect();
             Ok(message)
@@ -357,23 +402,20 @@ fn malformed(what: &str) -> DecodeError {
     DecodeError::Malformed(what.to_owned())
 }
 
-/// An A or AAAA record's address as text.
-fn address(rtype: u16, rdata: &[u8]) -> Option<String> {
-    match rtype {
-        1 => <[u8; 4]>::try_from(rdata)
-            .ok()
-            .map(|a| Ipv4Addr::from(a).to_string()),
-        28 => <[u8; 16]>::try_from(rdata)
-            .ok()
-            .map(|a| Ipv6Addr::from(a).to_string()),
-        _ => None,
-    }
+/// An A or AAAA record's address.
+fn address(rtype: u16, rdata: &[u8]) -> Option<Answer> {
+    let ip = match rtype {
+        1 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(rdata).ok()?)),
+        28 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(rdata).ok()?)),
+        _ => return None,
+    };
+    Some(Answer::Address(ip))
 }
 
 /// The response code (with the EDNS extended bits) and answers of a well-framed response whose
 /// answers are all A, AAAA or CNAME records: nearly every response a client gets. `None` for
 /// anything else, which hickory-proto then reads (or rejects).
-fn read_common_answers(bytes: &[u8]) -> Option<(u16, Vec<String>)> {
+fn read_common_answers(bytes: &[u8]) -> Option<(u16, Vec<Answer>)> {
     let mut rcode = u16::from(bytes[3] & 0x0f);
     let records = Records::new(bytes).ok()?;
     let mut answers = Vec::with_capacity(records.answers);
@@ -386,7 +428,7 @@ fn read_common_answers(bytes: &[u8]) -> Option<(u16, Vec<String>)> {
                     if end != record.rdata_at + record.rdata.len() {
                         return None;
                     }
-                    target
+                    Answer::Text(target.into())
                 }
                 rtype => address(rtype, record.rdata)?,
             });
@@ -428,7 +470,7 @@ fn skip_name(bytes: &[u8], start: usize) -> Result<usize, DecodeError> {
 
 /// The A and AAAA answers that fit in a message cut short by the capture bound (a long TCP
 /// answer): records are read one by one until the bytes run out.
-fn salvage_addresses(bytes: &[u8]) -> Vec<String> {
+fn salvage_addresses(bytes: &[u8]) -> Vec<Answer> {
     let Ok(records) = Records::new(bytes) else {
         return Vec::new();
     };
@@ -605,7 +647,7 @@ mod tests {
         let m = decode_message(&response_a(), false).unwrap();
         assert!(m.is_response);
         assert_eq!(rcode_name(m.rcode), "NOERROR");
-        assert_eq!(m.answers, vec!["93.184.216.34".to_owned()]);
+        assert_eq!(m.answers, vec!["93.184.216.34"]);
     }
 
     /// The quick reader of common answers and hickory-proto agree, EDNS extended codes
@@ -653,6 +695,7 @@ mod tests {
                     other => other.to_string(),
                 })
                 .collect();
+            let answers: Vec<String> = answers.iter().map(Answer::to_string).collect();
             assert_eq!(answers, expected);
         }
         // A TXT answer is not common: hickory-proto reads it.
@@ -710,10 +753,7 @@ mod tests {
         }
         let m = decode_message(&r[..r.len() - 2], true).unwrap();
         assert!(m.partial);
-        assert_eq!(
-            m.answers,
-            vec!["10.0.0.1".to_owned(), "10.0.0.2".to_owned()]
-        );
+        assert_eq!(m.answers, vec!["10.0.0.1", "10.0.0.2"]);
     }
 
     #[test]

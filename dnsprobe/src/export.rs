@@ -2,7 +2,7 @@
 
 use std::{
     io::{self, Write},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use serde::Serialize;
@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::{
     attribute::{ContainerIdentity, PodIdentity},
     correlate::{DropRecord, FinishedQuery, Outcome},
-    decode::{qtype_mnemonic, qtype_name, rcode_mnemonic, rcode_name},
+    decode::{qtype_mnemonic, qtype_name, rcode_mnemonic, rcode_name, Answer},
     lookup::{Diagnosis, LateArrival, LookupRecord, ResolverConfig},
 };
 
@@ -136,31 +136,59 @@ pub struct SocketText<'a>(pub &'a SocketAddr);
 impl SocketText<'_> {
     /// The text in a stack buffer, and its length.
     fn text(&self) -> Result<([u8; 80], usize), std::io::Error> {
-        let mut buf = [0u8; 80];
-        let len = match self.0 {
-            SocketAddr::V4(v4) => {
-                let mut at = 0;
-                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
-                    if i > 0 {
-                        buf[at] = b'.';
-                        at += 1;
-                    }
-                    at += put_decimal(&mut buf[at..], u32::from(octet));
+        address_text(self.0.ip(), Some(self.0))
+    }
+}
+
+/// `ip` as `Display` writes it, or `socket` when given, in a stack buffer; and its length.
+fn address_text(
+    ip: IpAddr,
+    socket: Option<&SocketAddr>,
+) -> Result<([u8; 80], usize), std::io::Error> {
+    let mut buf = [0u8; 80];
+    let len = match (ip, socket) {
+        (IpAddr::V4(v4), _) => {
+            let mut at = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[at] = b'.';
+                    at += 1;
                 }
+                at += put_decimal(&mut buf[at..], u32::from(octet));
+            }
+            if let Some(socket) = socket {
                 buf[at] = b':';
                 at += 1;
-                at + put_decimal(&mut buf[at..], u32::from(v4.port()))
+                at += put_decimal(&mut buf[at..], u32::from(socket.port()));
             }
-            SocketAddr::V6(_) => {
-                use std::io::Write as _;
-                let mut cursor = std::io::Cursor::new(&mut buf[..]);
-                // At most 64 bytes: "[", 45 of address, "%" and 10 of scope id, "]:65535".
-                write!(cursor, "{}", self.0)?;
-                cursor.position() as usize
+            at
+        }
+        (IpAddr::V6(v6), _) => {
+            use std::io::Write as _;
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            // At most 64 bytes: "[", 45 of address, "%" and 10 of scope id, "]:65535".
+            match socket {
+                Some(socket) => write!(cursor, "{socket}")?,
+                None => write!(cursor, "{v6}")?,
             }
-        };
-        Ok((buf, len))
+            cursor.position() as usize
+        }
+    };
+    Ok((buf, len))
+}
+
+/// An answer as a JSON string.
+fn push_json_answer(out: &mut Vec<u8>, answer: &Answer) -> Result<(), ExportError> {
+    match answer {
+        Answer::Address(ip) => {
+            let (buf, len) = address_text(*ip, None)?;
+            out.push(b'"');
+            out.extend_from_slice(&buf[..len]);
+            out.push(b'"');
+        }
+        Answer::Text(text) => push_json_str(out, text),
     }
+    Ok(())
 }
 
 impl Serialize for SocketText<'_> {
@@ -357,7 +385,7 @@ struct LookupJson<'a> {
     queries: usize,
     search_expansions: usize,
     final_rcode: Option<&'a str>,
-    answers: &'a [String],
+    answers: &'a [Answer],
     pid: Option<u32>,
     comm: Option<&'a str>,
     cgroup_id: u64,
@@ -478,7 +506,7 @@ impl<W: Write> RecordWriter<W> {
             if i > 0 {
                 out.push(b',');
             }
-            push_json_str(out, answer);
+            push_json_answer(out, answer)?;
         }
         out.push(b']');
         o.bool("truncated", q.truncated);
@@ -682,7 +710,8 @@ fn text_line(q: &FinishedQuery, clock: &WallClock) -> String {
     let answers = if q.answers.is_empty() {
         String::new()
     } else {
-        format!(" [{}]", q.answers.join(", "))
+        let texts: Vec<String> = q.answers.iter().map(Answer::to_string).collect();
+        format!(" [{}]", texts.join(", "))
     };
     format!(
         "{time_of_day} {result} {:<5} {} {} -> {} {who} {cgroup}{tcp}{resent}{drops}{answers}\n",

@@ -515,7 +515,7 @@ pub struct LookupRecord {
     pub queries: usize,
     pub search_expansions: usize,
     pub final_rcode: Option<String>,
-    pub answers: Vec<String>,
+    pub answers: Vec<crate::decode::Answer>,
     pub pid: Option<u32>,
     pub comm: Option<Arc<str>>,
     pub cgroup_id: u64,
@@ -806,7 +806,7 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
         .max_by_key(|q| q.response_ts_ns);
     let final_query = with_answers.or(last_response);
     let final_name = final_query.map(|q| q.qname.to_ascii_lowercase());
-    let mut answers: Vec<String> = Vec::new();
+    let mut answers: Vec<crate::decode::Answer> = Vec::new();
     if let Some(final_name) = &final_name {
         for q in queries
             .iter()
