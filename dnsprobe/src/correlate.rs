@@ -13,14 +13,14 @@ use foldhash::{HashMap, HashMapExt as _};
 
 use crate::{
     decode::{Direction, Packet, Transport},
-    qname::Caseless,
+    qname::QName,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct QueryKey {
     socket_cookie: u64,
     id: u16,
-    qname: Caseless,
+    qname: QName,
     qtype: u16,
 }
 
@@ -29,7 +29,7 @@ impl QueryKey {
         Self {
             socket_cookie: query.socket_cookie,
             id: query.id,
-            qname: Caseless(query.qname.clone()),
+            qname: query.qname.clone(),
             qtype: query.qtype,
         }
     }
@@ -111,7 +111,7 @@ pub struct DropRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FinishedQuery {
     /// As sent; shared with every index of the query (see `qname`).
-    pub qname: Arc<str>,
+    pub qname: QName,
     pub qtype: u16,
     pub id: u16,
     pub transport: Transport,
@@ -237,7 +237,7 @@ impl QueryTracker {
         let key = QueryKey {
             socket_cookie: packet.socket_cookie,
             id: packet.message.id,
-            qname: Caseless(packet.message.question.name.clone()),
+            qname: packet.message.question.name.clone(),
             qtype: packet.message.question.qtype,
         };
         if let Some(pending) = self
@@ -288,7 +288,7 @@ impl QueryTracker {
         let key = QueryKey {
             socket_cookie: packet.socket_cookie,
             id: packet.message.id,
-            qname: Caseless(packet.message.question.name.clone()),
+            qname: packet.message.question.name.clone(),
             qtype: packet.message.question.qtype,
         };
         let Some(seq) = self.by_key.get(&key).copied() else {
@@ -785,7 +785,7 @@ pub struct RecentQueries {
 
 #[derive(Debug, Clone)]
 struct RecentQuery {
-    qname: Arc<str>,
+    qname: QName,
     qtype: u16,
     first_send_ns: u64,
     answered: bool,

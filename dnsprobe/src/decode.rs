@@ -7,7 +7,6 @@
 use std::{
     borrow::Cow,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
 };
 
 use dnsprobe_common::{
@@ -71,7 +70,7 @@ impl Transport {
 pub struct Question {
     /// Fully qualified, as on the wire (`www.example.com.`); case preserved for display,
     /// ignored in matching (see `qname`). Shared by everything that keeps the query.
-    pub name: Arc<str>,
+    pub name: crate::qname::QName,
     pub qtype: u16,
 }
 
@@ -300,7 +299,7 @@ pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError
         return Err(DecodeError::NoQuestion);
     }
     let (name, end) = NAME_SCRATCH.with_borrow_mut(|scratch| {
-        read_name_into(bytes, 12, scratch).map(|end| (Arc::<str>::from(scratch.as_str()), end))
+        read_name_into(bytes, 12, scratch).map(|end| (crate::qname::QName::new(scratch), end))
     })?;
     let qtype_bytes = bytes.get(end..end + 4).ok_or(DecodeError::BadQuestion(
         "question ends before its type and class",

@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::{
     correlate::{FinishedQuery, Outcome},
     decode::{qtype_name, rcode_name, Transport},
-    qname::CaselessPrefix,
+    qname::{CaselessPrefix, QName},
 };
 
 const RCODE_NOERROR: u16 = 0;
@@ -283,7 +283,7 @@ struct LookupKey {
 pub struct LateArrival {
     pub ts_ns: u64,
     pub id: u16,
-    pub qname: Arc<str>,
+    pub qname: QName,
     pub qtype: u16,
     /// How long after the query's first send it arrived.
     pub after_first_send_ns: u64,
@@ -409,7 +409,7 @@ struct OpenLookup {
 #[derive(Debug)]
 struct QuestionState {
     /// As first sent; compared without case.
-    name: Arc<str>,
+    name: QName,
     qtype: u16,
     /// When the latest answer came (or the unanswered query was first sent).
     at_ns: u64,
@@ -610,7 +610,7 @@ impl LookupTracker {
         pid: Option<u32>,
         cgroup_id: u64,
         cgroup_path: Option<&str>,
-        qname: &Arc<str>,
+        qname: &QName,
     ) -> (LookupKey, Option<Arc<ResolverConfig>>) {
         let cfg = self.configs.get(pid, cgroup_id, cgroup_path);
         let asked = match &cfg {
@@ -621,7 +621,7 @@ impl LookupTracker {
             LookupKey {
                 pid,
                 cgroup_id,
-                name: CaselessPrefix::new(qname.clone(), asked),
+                name: CaselessPrefix::new(qname.shared(), asked),
             },
             cfg,
         )
@@ -632,7 +632,7 @@ impl LookupTracker {
     pub fn query_started(
         &mut self,
         ts_ns: u64,
-        qname: &Arc<str>,
+        qname: &QName,
         qtype: u16,
         sender: &crate::correlate::Sender,
         out: &mut Vec<LookupRecord>,

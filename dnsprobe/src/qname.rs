@@ -6,9 +6,71 @@
 //! randomise case, 0x20) through the wrappers here, instead of keeping lower-case copies.
 
 use std::{
-    hash::{Hash, Hasher},
-    sync::Arc,
+    hash::{BuildHasher, Hash, Hasher},
+    sync::{Arc, LazyLock},
 };
+
+/// A query name as sent, shared, with the hash of its lower case computed once, when it is
+/// decoded: it is looked up in several tables for every packet. The hash is seeded per
+/// process, so that query senders cannot choose names that collide.
+#[derive(Debug, Clone)]
+pub struct QName {
+    text: Arc<str>,
+    hash: u64,
+}
+
+static NAME_HASHER: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
+
+impl QName {
+    pub fn new(text: &str) -> Self {
+        let mut state = NAME_HASHER.build_hasher();
+        hash_caseless(text.as_bytes(), &mut state);
+        Self {
+            text: text.into(),
+            hash: state.finish(),
+        }
+    }
+
+    /// The shared text, for keys that keep part of it.
+    pub fn shared(&self) -> Arc<str> {
+        self.text.clone()
+    }
+}
+
+impl From<&str> for QName {
+    fn from(text: &str) -> Self {
+        Self::new(text)
+    }
+}
+
+impl std::ops::Deref for QName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::fmt::Display for QName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Equal up to ASCII case (so equal names have equal hashes).
+impl PartialEq for QName {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && (Arc::ptr_eq(&self.text, &other.text) || self.text.eq_ignore_ascii_case(&other.text))
+    }
+}
+
+impl Eq for QName {}
+
+impl Hash for QName {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
 
 /// Feeds `bytes` to `state` as their ASCII lower case would be, without allocating: equal up
 /// to ASCII case means equal hashes. Chunked through a stack buffer, so any length works.
@@ -23,24 +85,6 @@ pub fn hash_caseless<H: Hasher>(bytes: &[u8], state: &mut H) {
     // Like `str`'s own `Hash`: the terminator keeps ("ab", "c") and ("a", "bc") apart in a
     // key that hashes two names.
     state.write_u8(0xff);
-}
-
-/// A name that hashes and compares without regard to ASCII case.
-#[derive(Debug, Clone)]
-pub struct Caseless(pub Arc<str>);
-
-impl PartialEq for Caseless {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.eq_ignore_ascii_case(&other.0)
-    }
-}
-
-impl Eq for Caseless {}
-
-impl Hash for Caseless {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        hash_caseless(self.0.as_bytes(), state);
-    }
 }
 
 /// The first `len` bytes of a shared name (the name a program asked for, with the search
@@ -93,12 +137,13 @@ mod tests {
 
     #[test]
     fn case_does_not_change_equality_or_hash() {
-        let a = Caseless("WWW.Example.COM.".into());
-        let b = Caseless("www.example.com.".into());
+        let a = QName::new("WWW.Example.COM.");
+        let b = QName::new("www.example.com.");
         assert_eq!(a, b);
         assert_eq!(hash_of(&a), hash_of(&b));
-        assert_ne!(a, Caseless("www.example.org.".into()));
-        assert_ne!(hash_of(&a), hash_of(&Caseless("www.example.org.".into())));
+        assert_eq!(&*a, "WWW.Example.COM.", "the text keeps its case");
+        assert_ne!(a, QName::new("www.example.org."));
+        assert_ne!(hash_of(&a), hash_of(&QName::new("www.example.org.")));
     }
 
     #[test]
@@ -106,12 +151,14 @@ mod tests {
         let long: String = (0..300)
             .map(|i| if i % 2 == 0 { 'A' } else { 'b' })
             .collect();
-        let a = Caseless(long.as_str().into());
-        let b = Caseless(long.to_ascii_lowercase().into());
+        let a = QName::new(&long);
+        let b = QName::new(&long.to_ascii_lowercase());
+        assert_eq!(a, b);
         assert_eq!(hash_of(&a), hash_of(&b));
         let mut other = long.to_ascii_lowercase();
         other.replace_range(299.., "c");
-        assert_ne!(hash_of(&a), hash_of(&Caseless(other.into())));
+        assert_ne!(a, QName::new(&other));
+        assert_ne!(hash_of(&a), hash_of(&QName::new(&other)));
     }
 
     #[test]
