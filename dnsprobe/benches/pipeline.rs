@@ -206,10 +206,17 @@ fn main() {
         "decode allocs/q",
         "full allocs/q"
     );
-    for (name, records) in [
-        ("dnsperf-like", dnsperf_like(queries)),
-        ("resolver-like", resolver_like(queries)),
-    ] {
+    // DNSPROBE_BENCH_SHAPE=dnsperf-like (or resolver-like) runs one shape, for `perf record`.
+    let only = std::env::var("DNSPROBE_BENCH_SHAPE").ok();
+    let shapes: [(&str, fn(usize) -> Vec<Vec<u8>>); 2] = [
+        ("dnsperf-like", dnsperf_like),
+        ("resolver-like", resolver_like),
+    ];
+    for (name, make) in shapes {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
+        let records = make(queries);
         let (decode, decode_allocs) = per_query(&records, queries, |rs| {
             for r in rs {
                 let _ = black_box(read_event(r).and_then(|e| decode_event(&e)));

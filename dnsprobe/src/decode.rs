@@ -299,7 +299,10 @@ pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError
         return Err(DecodeError::NoQuestion);
     }
     let (name, end) = NAME_SCRATCH.with_borrow_mut(|scratch| {
-        read_name_into(bytes, 12, scratch).map(|end| (crate::qname::QName::new(scratch), end))
+        let end = read_name_into(bytes, 12, scratch)?;
+        let text = std::str::from_utf8(scratch)
+            .map_err(|_| DecodeError::BadQuestion("name is not text"))?;
+        Ok::<_, DecodeError>((crate::qname::QName::new(text), end))
     })?;
     let qtype_bytes = bytes.get(end..end + 4).ok_or(DecodeError::BadQuestion(
         "question ends before its type and class",
@@ -486,18 +489,21 @@ fn salvage_addresses(bytes: &[u8]) -> Vec<Answer> {
 thread_local! {
     /// Where question names are spelled out before they are copied, once, into the `Arc<str>`
     /// every index of the query shares.
-    static NAME_SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    static NAME_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Returns the name in presentation form and the offset just past it in the message.
 fn read_name(bytes: &[u8], start: usize) -> Result<(String, usize), DecodeError> {
-    let mut name = String::with_capacity(64);
+    let mut name = Vec::with_capacity(64);
     let end = read_name_into(bytes, start, &mut name)?;
+    // Only printable ASCII is written, so this never fails in practice.
+    let name = String::from_utf8(name).map_err(|_| DecodeError::BadQuestion("name is not text"))?;
     Ok((name, end))
 }
 
-/// `read_name` into `name` (cleared first), so that its buffer can be reused.
-fn read_name_into(bytes: &[u8], start: usize, name: &mut String) -> Result<usize, DecodeError> {
+/// `read_name` into `name` (cleared first), so that its buffer can be reused. Only printable
+/// ASCII is written: anything else in a label is escaped (`\\.`, `\\ddd`, RFC 4343 and RFC 1035 5.1).
+fn read_name_into(bytes: &[u8], start: usize, name: &mut Vec<u8>) -> Result<usize, DecodeError> {
     const MAX_POINTERS: usize = 16;
     name.clear();
     let mut pos = start;
@@ -513,7 +519,7 @@ fn read_name_into(bytes: &[u8], start: usize, name: &mut String) -> Result<usize
                 if len == 0 {
                     let end = end.unwrap_or(pos + 1);
                     if name.is_empty() {
-                        name.push('.');
+                        name.push(b'.');
                     }
                     return Ok(end);
                 }
@@ -521,33 +527,26 @@ fn read_name_into(bytes: &[u8], start: usize, name: &mut String) -> Result<usize
                     .get(pos + 1..pos + 1 + len)
                     .ok_or(DecodeError::BadQuestion("label runs past the message"))?;
                 // Almost every label is plain printable ASCII: copied as it is.
-                match std::str::from_utf8(label) {
-                    Ok(text)
-                        if label
-                            .iter()
-                            .all(|&b| matches!(b, 0x21..=0x7e) && b != b'.' && b != b'\\') =>
-                    {
-                        name.push_str(text);
-                    }
-                    _ => {
-                        for &b in label {
-                            match b {
-                                b'.' | b'\\' => {
-                                    name.push('\\');
-                                    name.push(b as char);
-                                }
-                                0x21..=0x7e => name.push(b as char),
-                                _ => {
-                                    name.push('\\');
-                                    for digit in [b / 100, b / 10 % 10, b % 10] {
-                                        name.push(char::from(b'0' + digit));
-                                    }
-                                }
-                            }
+                if label
+                    .iter()
+                    .all(|&b| matches!(b, 0x21..=0x7e) && b != b'.' && b != b'\\')
+                {
+                    name.extend_from_slice(label);
+                } else {
+                    for &b in label {
+                        match b {
+                            b'.' | b'\\' => name.extend_from_slice(&[b'\\', b]),
+                            0x21..=0x7e => name.push(b),
+                            _ => name.extend_from_slice(&[
+                                b'\\',
+                                b'0' + b / 100,
+                                b'0' + b / 10 % 10,
+                                b'0' + b % 10,
+                            ]),
                         }
                     }
                 }
-                name.push('.');
+                name.push(b'.');
                 if name.len() > 1024 {
                     return Err(DecodeError::BadQuestion("name too long"));
                 }
@@ -642,6 +641,20 @@ mod tests {
         assert_eq!(&*m.question.name, "www.example.com.");
         assert_eq!(qtype_name(m.question.qtype), "A");
         assert!(m.answers.is_empty());
+    }
+
+    /// Label bytes that are not printable, or that are the separator or the escape character,
+    /// are escaped as zone files write them; the result is always printable ASCII.
+    #[test]
+    fn unusual_label_bytes_are_escaped() {
+        let mut msg = QUERY_A[..12].to_vec();
+        msg.extend_from_slice(&[5, b'a', b'.', b'\\', 0x00, b' ', 2, 0xc3, 0xa9, 0]);
+        msg.extend_from_slice(&[0, 1, 0, 1]);
+        let m = decode_message(&msg, false).unwrap();
+        assert_eq!(&*m.question.name, "a\\.\\\\\\000\\032.\\195\\169.");
+        let (name, end) = read_name(&msg, 12).unwrap();
+        assert_eq!(name, &*m.question.name);
+        assert_eq!(end, msg.len() - 4);
     }
 
     #[test]

@@ -253,8 +253,8 @@ impl<'a> JsonObject<'a> {
         self.key(name).extend_from_slice(text);
     }
 
-    fn time(&mut self, name: &str, t: Timestamp) {
-        push_json_time(self.key(name), t);
+    fn time(&mut self, name: &str, t: Timestamp, seconds: &mut SecondText) {
+        push_json_time(self.key(name), t, seconds);
     }
 
     fn socket(&mut self, name: &str, addr: &SocketAddr) -> Result<(), ExportError> {
@@ -306,13 +306,37 @@ fn push_json_str(out: &mut Vec<u8>, value: &str) {
     out.push(b'"');
 }
 
-fn push_json_time(out: &mut Vec<u8>, t: Timestamp) {
+fn push_json_time(out: &mut Vec<u8>, t: Timestamp, seconds: &mut SecondText) {
     out.push(b'"');
-    match t.common() {
+    match seconds.text(t) {
         Some(text) => out.extend_from_slice(&text),
         None => out.extend_from_slice(t.to_string().as_bytes()),
     }
     out.push(b'"');
+}
+
+/// The text of the last whole second written: records come in time order, so nearly every
+/// timestamp falls in the second of the one before, and only its nine fraction digits are
+/// new. Working out the calendar date was most of a timestamp's cost.
+#[derive(Default)]
+struct SecondText {
+    /// Seconds since the epoch of `text`, when it holds one.
+    seconds: Option<i128>,
+    text: [u8; 30],
+}
+
+impl SecondText {
+    /// `t` as `Timestamp::common` writes it.
+    fn text(&mut self, t: Timestamp) -> Option<[u8; 30]> {
+        let seconds = t.0.div_euclid(1_000_000_000);
+        if self.seconds != Some(seconds) {
+            self.text = t.common()?;
+            self.seconds = Some(seconds);
+            return Some(self.text);
+        }
+        put_digits(&mut self.text[20..29], t.0.rem_euclid(1_000_000_000) as u32);
+        Some(self.text)
+    }
 }
 
 /// Writes `v` in decimal at the start of `out` (which must hold 10 bytes) and returns how many
@@ -421,6 +445,7 @@ pub struct RecordWriter<W: Write> {
     /// One record is serialised here first and written with one call: serde_json writes a
     /// record in dozens of small pieces, each a call through `out`.
     line: Vec<u8>,
+    seconds: SecondText,
     format: RecordFormat,
     clock: WallClock,
     written: u64,
@@ -432,6 +457,7 @@ impl<W: Write> RecordWriter<W> {
         Self {
             out,
             line: Vec::with_capacity(1024),
+            seconds: SecondText::default(),
             format,
             clock,
             written: 0,
@@ -480,7 +506,11 @@ impl<W: Write> RecordWriter<W> {
         let clock = self.clock;
         let mut o = JsonObject::begin(&mut self.line);
         o.str("event", "query");
-        o.time("time", Timestamp(clock.wall_ns(q.first_send_ns())));
+        o.time(
+            "time",
+            Timestamp(clock.wall_ns(q.first_send_ns())),
+            &mut self.seconds,
+        );
         o.str("qname", &q.qname);
         o.str("qtype", &qtype_mnemonic(q.qtype));
         o.num("id", q.id);
@@ -497,7 +527,7 @@ impl<W: Write> RecordWriter<W> {
             if i > 0 {
                 out.push(b',');
             }
-            push_json_time(out, Timestamp(clock.wall_ns(t)));
+            push_json_time(out, Timestamp(clock.wall_ns(t)), &mut self.seconds);
         }
         out.push(b']');
         let out = o.key("answers");
@@ -769,6 +799,23 @@ mod tests {
             Timestamp(1_764_115_263_123_456_789).to_string(),
             "2025-11-26T00:01:03.123456789Z"
         );
+        // Through the cache of the last second: same second, the next, back again, out of range.
+        let mut seconds = SecondText::default();
+        for ns in [
+            1_764_115_263_123_456_789i128,
+            1_764_115_263_000_000_001,
+            1_764_115_263_999_999_999,
+            1_764_115_264_000_000_000,
+            1_764_115_263_500_000_000,
+            -1,
+            253_402_300_800_000_000_000,
+            1_764_115_263_000_000_000,
+        ] {
+            let t = Timestamp(ns);
+            let mut out = Vec::new();
+            push_json_time(&mut out, t, &mut seconds);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("\"{t}\""), "{ns}");
+        }
     }
 
     fn finished(outcome: Outcome) -> FinishedQuery {

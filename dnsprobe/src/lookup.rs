@@ -777,9 +777,12 @@ impl LookupTracker {
             return None;
         }
         self.stats.lookups += 1;
-        lookup
-            .queries
-            .sort_by_key(|q| (q.first_send_ns(), q.response_ts_ns.unwrap_or(u64::MAX)));
+        // Queries finish in the order they were sent unless latencies differ; a sort moves
+        // every (large) query even when they are in order already.
+        let order = |q: &FinishedQuery| (q.first_send_ns(), q.response_ts_ns.unwrap_or(u64::MAX));
+        if !lookup.queries.is_sorted_by_key(order) {
+            lookup.queries.sort_by_key(order);
+        }
         Some(build_record(lookup, &self.diagnosis))
     }
 }
