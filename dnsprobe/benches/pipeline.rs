@@ -190,6 +190,9 @@ fn per_query(records: &[Vec<u8>], queries: usize, f: impl FnOnce(&[Vec<u8>])) ->
     (ns, allocations as f64 / queries as f64)
 }
 
+/// Makes the ring-buffer records of a number of queries.
+type MakeRecords = fn(usize) -> Vec<Vec<u8>>;
+
 fn main() {
     let queries: usize = std::env::var("DNSPROBE_BENCH_QUERIES")
         .ok()
@@ -208,7 +211,7 @@ fn main() {
     );
     // DNSPROBE_BENCH_SHAPE=dnsperf-like (or resolver-like) runs one shape, for `perf record`.
     let only = std::env::var("DNSPROBE_BENCH_SHAPE").ok();
-    let shapes: [(&str, fn(usize) -> Vec<Vec<u8>>); 2] = [
+    let shapes: [(&str, MakeRecords); 2] = [
         ("dnsperf-like", dnsperf_like),
         ("resolver-like", resolver_like),
     ];
