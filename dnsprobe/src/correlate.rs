@@ -107,6 +107,9 @@ pub struct DropRecord {
     pub dns_id: Option<u16>,
 }
 
+/// Send times of a query: nearly always one or two, kept inline then.
+pub type SendTimes = smallvec::SmallVec<[u64; 2]>;
+
 /// A query that is over: answered, or timed out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FinishedQuery {
@@ -119,12 +122,12 @@ pub struct FinishedQuery {
     pub server: SocketAddr,
     pub socket_cookie: u64,
     /// Kernel (CLOCK_MONOTONIC) time of every send, first one first.
-    pub send_ts_ns: Vec<u64>,
+    pub send_ts_ns: SendTimes,
     pub response_ts_ns: Option<u64>,
     pub outcome: Outcome,
     pub rcode: Option<u16>,
     pub truncated: bool,
-    pub answers: Vec<crate::decode::Answer>,
+    pub answers: crate::decode::Answers,
     pub sender: Sender,
     pub drops: Vec<DropRecord>,
 }
@@ -270,12 +273,12 @@ impl QueryTracker {
                     client: packet.src,
                     server: packet.dst,
                     socket_cookie: packet.socket_cookie,
-                    send_ts_ns: vec![packet.ts_ns],
+                    send_ts_ns: smallvec::smallvec![packet.ts_ns],
                     response_ts_ns: None,
                     outcome: Outcome::Unanswered,
                     rcode: None,
                     truncated: false,
-                    answers: Vec::new(),
+                    answers: Default::default(),
                     sender,
                     drops: Vec::new(),
                 },
@@ -410,7 +413,7 @@ pub mod fixtures {
             client: "10.0.0.1:4000".parse().unwrap(),
             server: "10.96.0.10:53".parse().unwrap(),
             socket_cookie: 1,
-            send_ts_ns: vec![1_000_000],
+            send_ts_ns: smallvec::smallvec![1_000_000],
             response_ts_ns: latency_ms.map(|l| 1_000_000 + l * 1_000_000),
             outcome: if latency_ms.is_some() {
                 Outcome::Answered
@@ -419,7 +422,7 @@ pub mod fixtures {
             },
             rcode,
             truncated: false,
-            answers: vec![],
+            answers: Default::default(),
             sender: Sender {
                 pid: Some(1),
                 tid: Some(1),
@@ -469,9 +472,9 @@ mod tests {
                     qtype: 1,
                 },
                 answers: if response {
-                    vec!["1.2.3.4".into()]
+                    smallvec::smallvec!["1.2.3.4".into()]
                 } else {
-                    vec![]
+                    Default::default()
                 },
                 partial: false,
             },
@@ -516,7 +519,7 @@ mod tests {
             .finished()
             .expect("matched");
         assert_eq!(done.latency_ns(), Some(1_000));
-        assert_eq!(done.send_ts_ns, vec![1_000, 1_500]);
+        assert_eq!(done.send_ts_ns[..], [1_000, 1_500]);
         assert_eq!(done.outcome, Outcome::Answered);
         assert_eq!(done.rcode, Some(3));
         assert_eq!(done.client.to_string(), "10.0.0.1:40000");
@@ -622,7 +625,7 @@ mod tests {
         assert!(out.is_empty(), "the finished query must not expire");
         t.expire(1_300, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].send_ts_ns, vec![300]);
+        assert_eq!(out[0].send_ts_ns[..], [300]);
     }
 
     fn drop_of(packet: DroppedPacket, id: u16) -> DropRecord {
@@ -686,7 +689,7 @@ mod tests {
             .finished()
             .unwrap();
         assert_eq!(done.outcome, Outcome::Answered);
-        assert_eq!(done.send_ts_ns, vec![100, 5_100]);
+        assert_eq!(done.send_ts_ns[..], [100, 5_100]);
         assert_eq!(done.drops.len(), 1);
     }
 

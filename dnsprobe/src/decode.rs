@@ -122,6 +122,9 @@ impl serde::Serialize for Answer {
     }
 }
 
+/// The answers of one response: nearly always one or none, kept inline then.
+pub type Answers = smallvec::SmallVec<[Answer; 1]>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsMessage {
     pub id: u16,
@@ -132,7 +135,7 @@ pub struct DnsMessage {
     pub truncated: bool,
     pub question: Question,
     /// Answer-section data (`93.184.216.34`, `alias.example.com.`, ...).
-    pub answers: Vec<Answer>,
+    pub answers: Answers,
     /// Only header and question were read: the capture was cut short.
     pub partial: bool,
 }
@@ -316,7 +319,7 @@ pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError
             name,
             qtype: u16::from_be_bytes([qtype_bytes[0], qtype_bytes[1]]),
         },
-        answers: Vec::new(),
+        answers: Answers::new(),
         partial: false,
     })
 }
@@ -420,10 +423,10 @@ fn address(rtype: u16, rdata: &[u8]) -> Option<Answer> {
 /// The response code (with the EDNS extended bits) and answers of a well-framed response whose
 /// answers are all A, AAAA or CNAME records: nearly every response a client gets. `None` for
 /// anything else, which hickory-proto then reads (or rejects).
-fn read_common_answers(bytes: &[u8]) -> Option<(u16, Vec<Answer>)> {
+fn read_common_answers(bytes: &[u8]) -> Option<(u16, Answers)> {
     let mut rcode = u16::from(bytes[3] & 0x0f);
     let records = Records::new(bytes).ok()?;
-    let mut answers = Vec::with_capacity(records.answers);
+    let mut answers = Answers::with_capacity(records.answers);
     for record in records {
         let record = record.ok()?;
         if record.answer {
@@ -475,9 +478,9 @@ fn skip_name(bytes: &[u8], start: usize) -> Result<usize, DecodeError> {
 
 /// The A and AAAA answers that fit in a message cut short by the capture bound (a long TCP
 /// answer): records are read one by one until the bytes run out.
-fn salvage_addresses(bytes: &[u8]) -> Vec<Answer> {
+fn salvage_addresses(bytes: &[u8]) -> Answers {
     let Ok(records) = Records::new(bytes) else {
-        return Vec::new();
+        return Answers::new();
     };
     records
         .map_while(Result::ok)
@@ -662,7 +665,7 @@ mod tests {
         let m = decode_message(&response_a(), false).unwrap();
         assert!(m.is_response);
         assert_eq!(rcode_name(m.rcode), "NOERROR");
-        assert_eq!(m.answers, vec!["93.184.216.34"]);
+        assert_eq!(m.answers[..], ["93.184.216.34"]);
     }
 
     /// The quick reader of common answers and hickory-proto agree, EDNS extended codes
@@ -768,7 +771,7 @@ mod tests {
         }
         let m = decode_message(&r[..r.len() - 2], true).unwrap();
         assert!(m.partial);
-        assert_eq!(m.answers, vec!["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(m.answers[..], ["10.0.0.1", "10.0.0.2"]);
     }
 
     #[test]

@@ -207,7 +207,7 @@ mod tests {
             client: "10.0.0.1:4000".parse().unwrap(),
             server: "10.0.0.2:53".parse().unwrap(),
             socket_cookie: 1,
-            send_ts_ns: vec![0],
+            send_ts_ns: smallvec::smallvec![0],
             response_ts_ns: latency_ms.map(|l| l * 1_000_000),
             outcome: if latency_ms.is_some() {
                 Outcome::Answered
@@ -216,7 +216,7 @@ mod tests {
             },
             rcode,
             truncated: false,
-            answers: vec![],
+            answers: Default::default(),
             sender: Sender {
                 pid: None,
                 tid: None,

@@ -1332,7 +1332,7 @@ mod tests {
             client: "10.0.0.1:40000".parse().unwrap(),
             server: "10.0.0.2:53".parse().unwrap(),
             socket_cookie: 1,
-            send_ts_ns: sends.to_vec(),
+            send_ts_ns: sends.into(),
             response_ts_ns: response,
             outcome: if response.is_some() {
                 Outcome::Answered
@@ -1342,9 +1342,9 @@ mod tests {
             rcode,
             truncated: false,
             answers: if rcode == Some(0) {
-                vec!["10.1.2.3".into()]
+                smallvec::smallvec!["10.1.2.3".into()]
             } else {
-                vec![]
+                Default::default()
             },
             sender: sender(),
             drops: Vec::new(),
@@ -1470,7 +1470,7 @@ mod tests {
             query("a.example.", 28, 2, &[2500 * MS], Some(2501 * MS), Some(2)),
             query("a.example.", 28, 2, &[2502 * MS], Some(2503 * MS), Some(2)),
         ];
-        queries[0].answers = vec!["10.1.2.3".into()];
+        queries[0].answers = smallvec::smallvec!["10.1.2.3".into()];
         let l = lookup("a.example.", queries);
         assert!(!settled(&l.queries));
         let r = build_record(l, &CFG);

@@ -1279,7 +1279,7 @@ mod tests {
         m.query(&query(pod("prod", "web-1"), "a.test.", Some(30), Some(0)));
         m.query(&query(pod("prod", "web-1"), "a.test.", Some(700), Some(2)));
         let mut resent = query(pod("prod", "web-1"), "a.test.", None, None);
-        resent.send_ts_ns = vec![1, 2, 3];
+        resent.send_ts_ns = smallvec::smallvec![1, 2, 3];
         m.query(&resent);
         let mut dropped = query(pod("prod", "web-1"), "a.test.", None, None);
         dropped.outcome = Outcome::Dropped;
