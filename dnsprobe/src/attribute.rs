@@ -148,7 +148,8 @@ impl CgroupPaths {
         let root = &self.root;
         self.by_id
             .retain(|_, rel| root.join(rel.trim_start_matches('/')).exists());
-        self.missing.retain(|_, at| at.elapsed() < NEGATIVE_TTL);
+        self.missing
+            .retain(|_, at| crate::coarse::elapsed(at) < NEGATIVE_TTL);
     }
 
     pub fn resolve(&mut self, id: u64) -> Option<Arc<str>> {
@@ -156,7 +157,7 @@ impl CgroupPaths {
             return Some(path.clone());
         }
         if let Some(when) = self.missing.get(&id) {
-            if when.elapsed() < NEGATIVE_TTL {
+            if crate::coarse::elapsed(when) < NEGATIVE_TTL {
                 return None;
             }
         }
@@ -170,7 +171,7 @@ impl CgroupPaths {
                 if self.missing.len() >= MAX_ENTRIES {
                     self.missing.clear();
                 }
-                self.missing.insert(id, Instant::now());
+                self.missing.insert(id, crate::coarse::now());
                 None
             }
         }
@@ -295,21 +296,22 @@ impl ProcessNames {
     /// Forgets names read longer ago than `grace` (or their TTL): processes come and go.
     pub fn prune(&mut self, grace: Duration) {
         let keep = grace.min(PROCESS_NAME_TTL);
-        self.by_pid.retain(|_, e| e.read_at.elapsed() < keep);
+        self.by_pid
+            .retain(|_, e| crate::coarse::elapsed(e.read_at) < keep);
     }
 
     /// The process's name, or `None` if it exited before it could be read.
     pub fn resolve(&mut self, pid: u32, thread_comm: Option<&str>) -> Option<Arc<str>> {
         if let Some(entry) = self.by_pid.get(&pid) {
             if entry.thread_comm.as_deref() == thread_comm
-                && entry.read_at.elapsed() < PROCESS_NAME_TTL
+                && crate::coarse::elapsed(entry.read_at) < PROCESS_NAME_TTL
             {
                 return entry.name.clone();
             }
         }
         if self.by_pid.len() >= MAX_ENTRIES {
             self.by_pid
-                .retain(|_, e| e.read_at.elapsed() < PROCESS_NAME_TTL);
+                .retain(|_, e| crate::coarse::elapsed(e.read_at) < PROCESS_NAME_TTL);
             if self.by_pid.len() >= MAX_ENTRIES {
                 self.by_pid.clear();
             }
@@ -323,7 +325,7 @@ impl ProcessNames {
             ProcessName {
                 thread_comm: thread_comm.map(str::to_owned),
                 name: name.clone(),
-                read_at: Instant::now(),
+                read_at: crate::coarse::now(),
             },
         );
         name
@@ -400,7 +402,8 @@ impl Attributor {
     /// attributed again (cheap), one that is gone stops taking room. Records keep what their
     /// query was attributed to when it was sent.
     pub fn prune(&mut self, grace: Duration) {
-        self.by_cgroup.retain(|_, (_, at)| at.elapsed() < grace);
+        self.by_cgroup
+            .retain(|_, (_, at)| crate::coarse::elapsed(at) < grace);
     }
 
     pub fn pod_directory_scans(&self) -> u64 {
@@ -428,7 +431,7 @@ impl Attributor {
         if let Some((w, at)) = self.by_cgroup.get(&cgroup_id) {
             let named = w.pod.as_ref().is_none_or(|p| p.name.is_some());
             let ttl = if named { WORKLOAD_TTL } else { UNNAMED_TTL };
-            if at.elapsed() < ttl {
+            if crate::coarse::elapsed(at) < ttl {
                 return Some(w.clone());
             }
         }
@@ -436,13 +439,13 @@ impl Attributor {
         let workload = std::sync::Arc::new(self.describe(path));
         if self.by_cgroup.len() >= MAX_ENTRIES {
             self.by_cgroup
-                .retain(|_, (_, at)| at.elapsed() < WORKLOAD_TTL);
+                .retain(|_, (_, at)| crate::coarse::elapsed(at) < WORKLOAD_TTL);
             if self.by_cgroup.len() >= MAX_ENTRIES {
                 self.by_cgroup.clear();
             }
         }
         self.by_cgroup
-            .insert(cgroup_id, (workload.clone(), Instant::now()));
+            .insert(cgroup_id, (workload.clone(), crate::coarse::now()));
         Some(workload)
     }
 

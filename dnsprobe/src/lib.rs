@@ -13,6 +13,7 @@ pub mod btf;
 pub mod capture;
 pub mod check;
 pub mod cli;
+pub mod coarse;
 pub mod conntrack;
 pub mod correlate;
 pub mod decode;

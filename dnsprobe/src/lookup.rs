@@ -161,8 +161,10 @@ impl ResolverConfigs {
 
     pub fn prune(&mut self, grace: Duration) {
         let keep = grace.min(RESOLVER_CONFIG_TTL);
-        self.by_pid.retain(|_, (_, at)| at.elapsed() < keep);
-        self.by_cgroup.retain(|_, (_, at)| at.elapsed() < keep);
+        self.by_pid
+            .retain(|_, (_, at)| crate::coarse::elapsed(at) < keep);
+        self.by_cgroup
+            .retain(|_, (_, at)| crate::coarse::elapsed(at) < keep);
     }
 
     fn read_pid(&self, pid: u32) -> Option<Arc<ResolverConfig>> {
@@ -226,20 +228,20 @@ impl ResolverConfigs {
             let fresh = self
                 .by_pid
                 .get(&pid)
-                .filter(|(_, at)| at.elapsed() < RESOLVER_CONFIG_TTL)
+                .filter(|(_, at)| crate::coarse::elapsed(at) < RESOLVER_CONFIG_TTL)
                 .map(|(cfg, _)| cfg.clone());
             let cfg = match fresh {
                 Some(cfg) => cfg,
                 None => {
                     if self.by_pid.len() >= MAX_CONFIGS {
                         self.by_pid
-                            .retain(|_, (_, at)| at.elapsed() < RESOLVER_CONFIG_TTL);
+                            .retain(|_, (_, at)| crate::coarse::elapsed(at) < RESOLVER_CONFIG_TTL);
                     }
                     let cfg = self.read_pid(pid);
-                    self.by_pid.insert(pid, (cfg.clone(), Instant::now()));
+                    self.by_pid.insert(pid, (cfg.clone(), crate::coarse::now()));
                     if let Some(cfg) = &cfg {
                         self.by_cgroup
-                            .insert(cgroup_id, (Some(cfg.clone()), Instant::now()));
+                            .insert(cgroup_id, (Some(cfg.clone()), crate::coarse::now()));
                     }
                     cfg
                 }
@@ -249,13 +251,13 @@ impl ResolverConfigs {
             }
         }
         if let Some((cfg, at)) = self.by_cgroup.get(&cgroup_id) {
-            if at.elapsed() < RESOLVER_CONFIG_TTL {
+            if crate::coarse::elapsed(at) < RESOLVER_CONFIG_TTL {
                 return cfg.clone();
             }
         }
         if self.by_cgroup.len() >= MAX_CONFIGS {
             self.by_cgroup
-                .retain(|_, (_, at)| at.elapsed() < RESOLVER_CONFIG_TTL);
+                .retain(|_, (_, at)| crate::coarse::elapsed(at) < RESOLVER_CONFIG_TTL);
         }
         // Without a path nothing can be read: remembering that as "no configuration" would
         // hide the cgroup's file from the next caller that has its path (a late response
@@ -263,7 +265,7 @@ impl ResolverConfigs {
         let path = cgroup_path?;
         let cfg = self.read_cgroup(path);
         self.by_cgroup
-            .insert(cgroup_id, (cfg.clone(), Instant::now()));
+            .insert(cgroup_id, (cfg.clone(), crate::coarse::now()));
         cfg
     }
 }

@@ -389,6 +389,7 @@ type Ring = AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>;
 /// Takes everything already in both rings, drops first: a drop waiting in its ring then meets
 /// its query, and a response waiting in its ring is not mistaken for a timeout.
 fn drain_all(pipeline: &mut Pipeline, ring: &mut Ring, drop_ring: &mut Option<Ring>) {
+    let _clock = dnsprobe::coarse::freeze();
     if let Some(drop_ring) = drop_ring.as_mut() {
         let rb = drop_ring.get_mut();
         while let Some(item) = rb.next() {
@@ -408,6 +409,7 @@ fn drain_batch(
     mut guard: tokio::io::unix::AsyncFdReadyMutGuard<'_, aya::maps::RingBuf<aya::maps::MapData>>,
     mut handle: impl FnMut(&[u8]),
 ) -> bool {
+    let _clock = dnsprobe::coarse::freeze();
     let rb = guard.get_inner_mut();
     let mut handled = 0;
     while handled < DRAIN_BATCH {
