@@ -152,24 +152,21 @@ pub enum Observation {
     Started,
     /// A pending query was sent again.
     Resent,
-    /// A response ended a query.
-    Finished(FinishedQuery),
+    /// A response ended a query. Boxed from its first packet to its lookup: a query is a few
+    /// hundred bytes, and it is handed on several times.
+    Finished(Box<FinishedQuery>),
     /// A response matched no pending query: late, duplicate, or its query was not seen.
     Unmatched(Packet),
 }
 
 impl Observation {
     #[cfg(test)]
-    fn finished(self) -> Option<FinishedQuery> {
+    fn finished(self) -> Option<Box<FinishedQuery>> {
         match self {
             Observation::Finished(q) => Some(q),
             _ => None,
         }
     }
-}
-
-struct Pending {
-    query: FinishedQuery,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -190,7 +187,7 @@ pub struct QueryTracker {
     /// Pending queries by sequence number, that is in the order they were first seen (which is
     /// first-send order up to the small reordering between CPUs). Boxed: a pending query is a
     /// few hundred bytes, and tens of thousands can be in flight.
-    pending: BTreeMap<u64, Box<Pending>>,
+    pending: BTreeMap<u64, Box<FinishedQuery>>,
     by_key: HashMap<QueryKey, u64>,
     /// Client address and DNS id of each pending query: what a dropped packet can be matched
     /// by, since a forwarded packet has no socket and may already be NATed towards a backend.
@@ -248,7 +245,7 @@ impl QueryTracker {
             .get(&key)
             .and_then(|seq| self.pending.get_mut(seq))
         {
-            pending.query.send_ts_ns.push(packet.ts_ns);
+            pending.send_ts_ns.push(packet.ts_ns);
             self.stats.resends += 1;
             return Observation::Resent;
         }
@@ -264,24 +261,22 @@ impl QueryTracker {
         let message = packet.message;
         self.pending.insert(
             seq,
-            Box::new(Pending {
-                query: FinishedQuery {
-                    qname: message.question.name,
-                    qtype: message.question.qtype,
-                    id: message.id,
-                    transport: packet.transport,
-                    client: packet.src,
-                    server: packet.dst,
-                    socket_cookie: packet.socket_cookie,
-                    send_ts_ns: smallvec::smallvec![packet.ts_ns],
-                    response_ts_ns: None,
-                    outcome: Outcome::Unanswered,
-                    rcode: None,
-                    truncated: false,
-                    answers: Default::default(),
-                    sender,
-                    drops: Vec::new(),
-                },
+            Box::new(FinishedQuery {
+                qname: message.question.name,
+                qtype: message.question.qtype,
+                id: message.id,
+                transport: packet.transport,
+                client: packet.src,
+                server: packet.dst,
+                socket_cookie: packet.socket_cookie,
+                send_ts_ns: smallvec::smallvec![packet.ts_ns],
+                response_ts_ns: None,
+                outcome: Outcome::Unanswered,
+                rcode: None,
+                truncated: false,
+                answers: Default::default(),
+                sender,
+                drops: Vec::new(),
             }),
         );
         Observation::Started
@@ -302,7 +297,7 @@ impl QueryTracker {
             self.stats.unmatched_responses += 1;
             return Observation::Unmatched(packet);
         };
-        let mut query = pending.query;
+        let mut query = pending;
         self.stats.answered += 1;
         query.response_ts_ns = Some(packet.ts_ns);
         query.outcome = Outcome::Answered;
@@ -313,13 +308,13 @@ impl QueryTracker {
     }
 
     /// Takes a pending query out of every index.
-    fn remove(&mut self, seq: u64) -> Option<Box<Pending>> {
+    fn remove(&mut self, seq: u64) -> Option<Box<FinishedQuery>> {
         let pending = self.pending.remove(&seq)?;
-        let key = QueryKey::of(&pending.query);
+        let key = QueryKey::of(&pending);
         if self.by_key.get(&key) == Some(&seq) {
             self.by_key.remove(&key);
         }
-        let client_key = (pending.query.client, pending.query.id);
+        let client_key = (pending.client, pending.id);
         if self.by_client.get(&client_key) == Some(&seq) {
             self.by_client.remove(&client_key);
         }
@@ -327,15 +322,14 @@ impl QueryTracker {
     }
 
     /// Ends every query whose first send is older than the timeout at kernel time `now_ns`.
-    pub fn expire(&mut self, now_ns: u64, out: &mut Vec<FinishedQuery>) {
+    pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Box<FinishedQuery>>) {
         while let Some((&seq, pending)) = self.pending.first_key_value() {
-            if now_ns.saturating_sub(pending.query.first_send_ns()) < self.timeout_ns {
+            if now_ns.saturating_sub(pending.first_send_ns()) < self.timeout_ns {
                 break;
             }
-            let Some(pending) = self.remove(seq) else {
+            let Some(mut query) = self.remove(seq) else {
                 break;
             };
-            let mut query = pending.query;
             self.stats.unanswered += 1;
             if query.drops.iter().any(|d| d.packet == DroppedPacket::Query) {
                 query.outcome = Outcome::Dropped;
@@ -370,7 +364,7 @@ impl QueryTracker {
             return Some(drop);
         };
         self.stats.drops_linked += 1;
-        pending.query.drops.push(drop);
+        pending.drops.push(drop);
         None
     }
 }
@@ -695,7 +689,7 @@ mod tests {
 
     /// Finished queries from the tracker: `sends` sends of id 42 on one socket, then a response
     /// at 1_000 or none (expired at 10_000).
-    fn finished_query(sends: u64, answered: bool) -> FinishedQuery {
+    fn finished_query(sends: u64, answered: bool) -> Box<FinishedQuery> {
         let mut t = QueryTracker::new(5_000, 16);
         for i in 0..sends {
             t.observe(

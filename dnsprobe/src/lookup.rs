@@ -308,7 +308,9 @@ impl OpenLookup {
 /// Latest response code of every question (name and type) asked, `None` when unanswered: the
 /// reference the incremental `OpenLookup::questions` is checked against.
 #[cfg(test)]
-fn latest_rcodes(queries: &[FinishedQuery]) -> HashMap<(String, u16), Option<u16>> {
+fn latest_rcodes<'a>(
+    queries: impl IntoIterator<Item = &'a FinishedQuery>,
+) -> HashMap<(String, u16), Option<u16>> {
     let mut latest: HashMap<(String, u16), (u64, Option<u16>)> = HashMap::new();
     for q in queries {
         let at = q.response_ts_ns.unwrap_or_else(|| q.first_send_ns());
@@ -324,7 +326,7 @@ fn latest_rcodes(queries: &[FinishedQuery]) -> HashMap<(String, u16), Option<u16
 
 /// Every question's latest answer is definitive: an answer or a name that does not exist.
 #[cfg(test)]
-fn settled(queries: &[FinishedQuery]) -> bool {
+fn settled<'a>(queries: impl IntoIterator<Item = &'a FinishedQuery>) -> bool {
     latest_rcodes(queries).values().all(|r| is_definitive(*r))
 }
 
@@ -400,7 +402,7 @@ struct OpenLookup {
     questions: Vec<QuestionState>,
     /// Every question's latest answer is definitive (see [`settled`]).
     settled: bool,
-    queries: Vec<FinishedQuery>,
+    queries: Vec<Box<FinishedQuery>>,
     late: Vec<LateArrival>,
     comm: Option<Arc<str>>,
     cgroup_path: Option<Arc<str>>,
@@ -448,7 +450,7 @@ impl OpenLookup {
     }
 
     /// Adds a finished query, keeping `questions` and `settled` up to date.
-    fn add(&mut self, query: FinishedQuery) {
+    fn add(&mut self, query: Box<FinishedQuery>) {
         let at = query
             .response_ts_ns
             .unwrap_or_else(|| query.first_send_ns());
@@ -539,9 +541,7 @@ pub struct LookupStats {
 /// A lookup holds at most this many queries. A resolver call makes a few dozen at most
 /// (search expansions x types x attempts); a client asking one name without pause (a load
 /// generator, a forwarder with the name always in flight) would otherwise make one endless
-/// lookup that grows with every query. 128 also keeps a full lookup's query list (288 bytes
-/// each) under glibc's 64 KiB free threshold, beyond which every free of one consolidates the
-/// heap: that was a tenth of the daemon's time under dnsperf load.
+/// lookup that grows with every query, and whose diagnosis at the end walks them all.
 pub const MAX_QUERIES_PER_LOOKUP: usize = 128;
 
 /// Identifies an open lookup; queries carry it from start to end (`Sender::lookup`).
@@ -676,7 +676,7 @@ impl LookupTracker {
     }
 
     /// A query ended (answered or timed out).
-    pub fn query_finished(&mut self, query: FinishedQuery, now_ns: u64) {
+    pub fn query_finished(&mut self, query: Box<FinishedQuery>, now_ns: u64) {
         let Some(lookup) = self.open.get_mut(&query.sender.lookup) else {
             // Its lookup was evicted; the query record itself was still written.
             return;
@@ -781,7 +781,8 @@ impl LookupTracker {
         self.stats.lookups += 1;
         // Queries finish in the order they were sent unless latencies differ; a sort moves
         // every (large) query even when they are in order already.
-        let order = |q: &FinishedQuery| (q.first_send_ns(), q.response_ts_ns.unwrap_or(u64::MAX));
+        let order =
+            |q: &Box<FinishedQuery>| (q.first_send_ns(), q.response_ts_ns.unwrap_or(u64::MAX));
         if !lookup.queries.is_sorted_by_key(order) {
             lookup.queries.sort_by_key(order);
         }
@@ -798,6 +799,7 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
     let queries = &lookup.queries;
     let expansions: Vec<&FinishedQuery> = queries
         .iter()
+        .map(|q| &**q)
         .filter(|q| is_expansion(lookup.name(), q))
         .collect();
     // The decisive answer: the last one that carried data, else the last response of all.
@@ -909,6 +911,7 @@ fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
     // search_list_expansion: names built from the search list before (or instead of) the name.
     let expansions: Vec<&FinishedQuery> = queries
         .iter()
+        .map(|q| &**q)
         .filter(|q| is_expansion(lookup.name(), q))
         .collect();
     if !expansions.is_empty() {
@@ -1228,6 +1231,7 @@ fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
     // no_response: queries that never got an answer.
     let unanswered: Vec<&FinishedQuery> = queries
         .iter()
+        .map(|q| &**q)
         .filter(|q| q.outcome != Outcome::Answered)
         .collect();
     if !unanswered.is_empty() {
@@ -1370,7 +1374,7 @@ mod tests {
         l.last_activity_ns = 0;
         let expected = settled(&queries);
         for q in queries {
-            l.add(q);
+            l.add(Box::new(q));
         }
         assert_eq!(
             l.settled, expected,
@@ -1474,7 +1478,7 @@ mod tests {
         ];
         queries[0].answers = smallvec::smallvec!["10.1.2.3".into()];
         let l = lookup("a.example.", queries);
-        assert!(!settled(&l.queries));
+        assert!(!settled(l.queries.iter().map(|q| &**q)));
         let r = build_record(l, &CFG);
         assert_eq!(r.duration_ns, 5000 * MS);
         assert_eq!(r.final_rcode.as_deref(), Some("SERVFAIL"));
@@ -1676,9 +1680,9 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
-    fn with_lookup(mut q: FinishedQuery, id: LookupId) -> FinishedQuery {
+    fn with_lookup(mut q: FinishedQuery, id: LookupId) -> Box<FinishedQuery> {
         q.sender.lookup = id;
-        q
+        Box::new(q)
     }
 
     fn tracker(max_open: usize) -> LookupTracker {

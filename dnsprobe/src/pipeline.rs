@@ -95,7 +95,7 @@ pub struct Pipeline {
     pub lookups: LookupTracker,
     pub lookup_out: Vec<LookupRecord>,
     pub recent: RecentQueries,
-    pub finished: Vec<FinishedQuery>,
+    pub finished: Vec<Box<FinishedQuery>>,
     /// Drops that matched no pending query yet, oldest first.
     pub waiting_drops: std::collections::VecDeque<DropRecord>,
 }
@@ -224,7 +224,7 @@ impl Pipeline {
         self.write_lookups();
     }
 
-    fn finish_query(&mut self, query: FinishedQuery, now_ns: u64) {
+    fn finish_query(&mut self, query: Box<FinishedQuery>, now_ns: u64) {
         self.write(&query);
         self.recent.remember(&query, now_ns);
         self.lookups.query_finished(query, now_ns);
