@@ -157,16 +157,70 @@ pub struct Packet {
     pub message: DnsMessage,
 }
 
-/// Reads a `DnsEvent` out of a ring-buffer record, which has no alignment guarantee for `T`.
-pub fn read_event(bytes: &[u8]) -> Result<DnsEvent, DecodeError> {
+/// A `DnsEvent` as it lies in a ring-buffer record: its fixed fields copied out, its message
+/// area borrowed. Copying the whole event touched all of its 512-byte message area, most of
+/// which the kernel never wrote (a query is a few dozen bytes): memory traffic for nothing.
+#[derive(Debug, Clone)]
+pub struct EventRecord<'a> {
+    pub ts_ns: u64,
+    pub socket_cookie: u64,
+    pub cgroup_id: u64,
+    pub pid_tgid: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub direction: u8,
+    pub l4_proto: u8,
+    pub msg_len: u32,
+    pub cap_len: u32,
+    pub comm: [u8; 16],
+    /// The event's whole message area (`DNS_CAPTURE_LEN` bytes); `cap_len` of them are the
+    /// message.
+    pub msg: &'a [u8],
+}
+
+/// Reads a `DnsEvent` out of a ring-buffer record (which has no alignment guarantee), field by
+/// field at the offsets of its `#[repr(C)]` layout.
+pub fn read_event(bytes: &[u8]) -> Result<EventRecord<'_>, DecodeError> {
+    use std::mem::offset_of;
     if bytes.len() < size_of::<DnsEvent>() {
         return Err(DecodeError::ShortRecord(bytes.len()));
     }
-    // SAFETY: length checked above; DnsEvent is plain old data valid for any bit pattern.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DnsEvent>()) })
+    fn field<const N: usize>(bytes: &[u8], at: usize) -> Result<[u8; N], DecodeError> {
+        bytes
+            .get(at..at + N)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(DecodeError::ShortRecord(bytes.len()))
+    }
+    let u64_at = |at| field::<8>(bytes, at).map(u64::from_ne_bytes);
+    let u32_at = |at| field::<4>(bytes, at).map(u32::from_ne_bytes);
+    let u16_at = |at| field::<2>(bytes, at).map(u16::from_ne_bytes);
+    let u8_at = |at| field::<1>(bytes, at).map(|[b]| b);
+    let msg_at = offset_of!(DnsEvent, msg);
+    Ok(EventRecord {
+        ts_ns: u64_at(offset_of!(DnsEvent, ts_ns))?,
+        socket_cookie: u64_at(offset_of!(DnsEvent, socket_cookie))?,
+        cgroup_id: u64_at(offset_of!(DnsEvent, cgroup_id))?,
+        pid_tgid: u64_at(offset_of!(DnsEvent, pid_tgid))?,
+        saddr: field(bytes, offset_of!(DnsEvent, saddr))?,
+        daddr: field(bytes, offset_of!(DnsEvent, daddr))?,
+        sport: u16_at(offset_of!(DnsEvent, sport))?,
+        dport: u16_at(offset_of!(DnsEvent, dport))?,
+        family: u8_at(offset_of!(DnsEvent, family))?,
+        direction: u8_at(offset_of!(DnsEvent, direction))?,
+        l4_proto: u8_at(offset_of!(DnsEvent, l4_proto))?,
+        msg_len: u32_at(offset_of!(DnsEvent, msg_len))?,
+        cap_len: u32_at(offset_of!(DnsEvent, cap_len))?,
+        comm: field(bytes, offset_of!(DnsEvent, comm))?,
+        msg: bytes
+            .get(msg_at..msg_at + DNS_CAPTURE_LEN)
+            .ok_or(DecodeError::ShortRecord(bytes.len()))?,
+    })
 }
 
-pub fn decode_event(event: &DnsEvent) -> Result<Packet, DecodeError> {
+pub fn decode_event(event: &EventRecord<'_>) -> Result<Packet, DecodeError> {
     let direction = match event.direction {
         DIR_EGRESS => Direction::Egress,
         DIR_INGRESS => Direction::Ingress,
@@ -859,10 +913,7 @@ mod tests {
         ev.msg[..QUERY_A.len()].copy_from_slice(QUERY_A);
         ev.cap_len = QUERY_A.len() as u32;
         ev.msg_len = QUERY_A.len() as u32;
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&ev as *const DnsEvent).cast::<u8>(), size_of::<DnsEvent>())
-        };
-        let p = decode_event(&read_event(bytes).unwrap()).unwrap();
+        let p = decode_event(&read_event(event_bytes(&ev)).unwrap()).unwrap();
         assert_eq!(p.src.to_string(), "[::1]:40000");
         assert_eq!(p.dst.to_string(), "[::2]:53");
         assert_eq!(p.pid, Some(1234));
@@ -878,8 +929,15 @@ mod tests {
         ev.l4_proto = PROTO_UDP;
         ev.cap_len = 9999;
         assert_eq!(
-            decode_event(&ev).unwrap_err(),
+            decode_event(&read_event(event_bytes(&ev)).unwrap()).unwrap_err(),
             DecodeError::BadCaptureLength(9999)
         );
+    }
+
+    fn event_bytes(ev: &DnsEvent) -> &[u8] {
+        // SAFETY: the bytes of a plain-old-data value, for its lifetime.
+        unsafe {
+            std::slice::from_raw_parts((ev as *const DnsEvent).cast::<u8>(), size_of::<DnsEvent>())
+        }
     }
 }
