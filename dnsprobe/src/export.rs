@@ -213,12 +213,16 @@ impl<'a> JsonObject<'a> {
         Self { out, first: true }
     }
 
-    /// Starts a field; `name` needs no escaping (a literal of this module).
+    /// Starts a field; `name` needs no escaping (a literal of this module). Inlined, so that
+    /// the copy of a literal of known length needs no call.
+    #[inline(always)]
     fn key(&mut self, name: &str) -> &mut Vec<u8> {
-        if !std::mem::take(&mut self.first) {
-            self.out.push(b',');
-        }
-        self.out.push(b'"');
+        let lead: &[u8] = if std::mem::take(&mut self.first) {
+            b"\""
+        } else {
+            b",\""
+        };
+        self.out.extend_from_slice(lead);
         self.out.extend_from_slice(name.as_bytes());
         self.out.extend_from_slice(b"\":");
         self.out
@@ -309,7 +313,7 @@ fn push_json_str(out: &mut Vec<u8>, value: &str) {
 fn push_json_time(out: &mut Vec<u8>, t: Timestamp, seconds: &mut SecondText) {
     out.push(b'"');
     match seconds.text(t) {
-        Some(text) => out.extend_from_slice(&text),
+        Some(text) => out.extend_from_slice(text),
         None => out.extend_from_slice(t.to_string().as_bytes()),
     }
     out.push(b'"');
@@ -321,21 +325,27 @@ fn push_json_time(out: &mut Vec<u8>, t: Timestamp, seconds: &mut SecondText) {
 #[derive(Default)]
 struct SecondText {
     /// Seconds since the epoch of `text`, when it holds one.
-    seconds: Option<i128>,
+    seconds: Option<i64>,
     text: [u8; 30],
 }
 
 impl SecondText {
     /// `t` as `Timestamp::common` writes it.
-    fn text(&mut self, t: Timestamp) -> Option<[u8; 30]> {
-        let seconds = t.0.div_euclid(1_000_000_000);
+    fn text(&mut self, t: Timestamp) -> Option<&[u8; 30]> {
+        // In 64 bits (any time within 292 years of 1970): 128-bit division is a library call.
+        let Ok(ns) = i64::try_from(t.0) else {
+            self.text = t.common()?;
+            self.seconds = None;
+            return Some(&self.text);
+        };
+        let seconds = ns.div_euclid(1_000_000_000);
         if self.seconds != Some(seconds) {
             self.text = t.common()?;
             self.seconds = Some(seconds);
-            return Some(self.text);
+            return Some(&self.text);
         }
-        put_digits(&mut self.text[20..29], t.0.rem_euclid(1_000_000_000) as u32);
-        Some(self.text)
+        put_digits(&mut self.text[20..29], ns.rem_euclid(1_000_000_000) as u32);
+        Some(&self.text)
     }
 }
 
