@@ -211,6 +211,7 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
         stats: PipelineStats::default(),
         finished: Vec::new(),
         waiting_drops: Default::default(),
+        last_sender: None,
         drops: DropExplainer {
             netfilter_drop: reasons.value("NETFILTER_DROP"),
             reasons,

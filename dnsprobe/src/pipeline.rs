@@ -98,6 +98,11 @@ pub struct Pipeline {
     pub finished: Vec<Box<FinishedQuery>>,
     /// Drops that matched no pending query yet, oldest first.
     pub waiting_drops: std::collections::VecDeque<DropRecord>,
+    /// The attribution of the last new query and the batch clock it was made at: a thread
+    /// sends its queries in bursts (A and AAAA, the search list), and the next query from the
+    /// same thread and cgroup in the same batch (`coarse::freeze`) takes it as it is instead of
+    /// asking every cache again. Outside a batch the clock moves and this never matches.
+    pub last_sender: Option<(std::time::Instant, Sender)>,
 }
 
 /// How long a drop waits for its query to show up before it is reported on its own.
@@ -157,6 +162,7 @@ impl Pipeline {
             recent: RecentQueries::new(timeout_ns.saturating_mul(2), max_inflight),
             finished: Vec::new(),
             waiting_drops: Default::default(),
+            last_sender: None,
         }
     }
 
@@ -178,7 +184,27 @@ impl Pipeline {
         let attributor = &mut self.attributor;
         let lookups = &mut self.lookups;
         let lookup_out = &mut self.lookup_out;
+        let last_sender = &mut self.last_sender;
         let observed = self.tracker.observe(packet, |p| {
+            let now = crate::coarse::now();
+            if let Some((at, last)) = last_sender.as_ref() {
+                if *at == now
+                    && last.pid == p.pid
+                    && last.tid == p.tid
+                    && last.cgroup_id == p.cgroup_id
+                    && last.thread_comm.as_deref() == p.comm.as_deref()
+                {
+                    let mut sender = last.clone();
+                    sender.lookup = lookups.query_started(
+                        p.ts_ns,
+                        &p.message.question.name,
+                        p.message.question.qtype,
+                        &sender,
+                        lookup_out,
+                    );
+                    return sender;
+                }
+            }
             let cgroup_path = paths.resolve(p.cgroup_id);
             // The process may be gone already; its sending thread's name is the next best.
             let comm = p
@@ -207,6 +233,7 @@ impl Pipeline {
                 &sender,
                 lookup_out,
             );
+            *last_sender = Some((now, sender.clone()));
             sender
         });
         match observed {
@@ -496,6 +523,109 @@ fn hex_prefix(record: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A query record of `pid` (thread `tid`, named `comm`) asking `name`, sent at `ts_ns`.
+    fn query_record(ts_ns: u64, pid: u32, tid: u32, comm: &[u8], name: &str) -> Vec<u8> {
+        use dnsprobe_common::{DnsEvent, DIR_EGRESS, FAMILY_IPV4, PROTO_UDP};
+        // SAFETY: DnsEvent is plain old data; all zeroes is a valid value.
+        let mut e: DnsEvent = unsafe { std::mem::zeroed() };
+        e.ts_ns = ts_ns;
+        e.socket_cookie = u64::from(tid);
+        e.cgroup_id = 7;
+        e.pid_tgid = (u64::from(pid) << 32) | u64::from(tid);
+        e.family = FAMILY_IPV4;
+        e.l4_proto = PROTO_UDP;
+        e.direction = DIR_EGRESS;
+        e.comm[..comm.len()].copy_from_slice(comm);
+        e.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        e.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        e.sport = 40_000 + tid as u16;
+        e.dport = 53;
+        let mut msg = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.trim_end_matches('.').split('.') {
+            msg.push(label.len() as u8);
+            msg.extend_from_slice(label.as_bytes());
+        }
+        msg.extend_from_slice(&[0, 0, 1, 0, 1]);
+        e.msg[..msg.len()].copy_from_slice(&msg);
+        e.msg_len = msg.len() as u32;
+        e.cap_len = msg.len() as u32;
+        // SAFETY: reading the bytes of a plain-old-data value.
+        unsafe {
+            std::slice::from_raw_parts((&e as *const DnsEvent).cast::<u8>(), size_of::<DnsEvent>())
+        }
+        .to_vec()
+    }
+
+    /// Collects who sent each finished query.
+    struct Senders(
+        std::rc::Rc<std::cell::RefCell<Vec<(String, Option<u32>, Option<u32>, String)>>>,
+    );
+
+    impl Sink for Senders {
+        fn query(&mut self, q: &FinishedQuery) {
+            self.0.borrow_mut().push((
+                q.qname.to_string(),
+                q.sender.pid,
+                q.sender.tid,
+                q.sender
+                    .thread_comm
+                    .as_deref()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ));
+        }
+        fn lookup(&mut self, _: &LookupRecord) {}
+        fn packet_drop(&mut self, _: &DropRecord) {}
+        fn late(&mut self, _: &LateArrival) {}
+    }
+
+    /// Queries of several threads, interleaved within one batch and in the next: each keeps
+    /// its own sender, whatever the attribution of the query before it.
+    #[test]
+    fn each_query_keeps_its_own_sender_within_a_batch() {
+        let missing = std::env::temp_dir().join("dnsprobe-test-missing-dir");
+        let mut pipeline = Pipeline::offline(&missing);
+        let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        pipeline.sinks = vec![Box::new(Senders(seen.clone()))];
+        let senders = [
+            (100, 100, &b"app"[..]),
+            (100, 100, b"app"),
+            (100, 102, b"app"),
+            (100, 101, b"app-worker"),
+            (200, 200, b"app"),
+            (100, 100, b"app"),
+        ];
+        for batch in 0..2u64 {
+            let _clock = crate::coarse::freeze();
+            for (i, &(pid, tid, comm)) in senders.iter().enumerate() {
+                let name = format!("q{batch}-{i}.test.");
+                pipeline.handle_record(&query_record(
+                    batch * 100 + i as u64,
+                    pid,
+                    tid,
+                    comm,
+                    &name,
+                ));
+            }
+        }
+        pipeline.expire_at(u64::MAX / 2);
+        let mut seen = seen.borrow().clone();
+        seen.sort();
+        let mut expected = Vec::new();
+        for batch in 0..2 {
+            for (i, &(pid, tid, comm)) in senders.iter().enumerate() {
+                expected.push((
+                    format!("q{batch}-{i}.test."),
+                    Some(pid),
+                    Some(tid),
+                    String::from_utf8(comm.to_vec()).unwrap(),
+                ));
+            }
+        }
+        expected.sort();
+        assert_eq!(seen, expected);
+    }
 
     /// The fuzz target's seeds (fuzz/make_seeds.py) through the offline pipeline: real
     /// exchanges are answered, hostile messages are counted as malformed, nothing panics.
