@@ -557,10 +557,11 @@ mod tests {
         .to_vec()
     }
 
+    /// Name, pid, tid and thread name of a finished query.
+    type SentBy = (String, Option<u32>, Option<u32>, String);
+
     /// Collects who sent each finished query.
-    struct Senders(
-        std::rc::Rc<std::cell::RefCell<Vec<(String, Option<u32>, Option<u32>, String)>>>,
-    );
+    struct Senders(std::rc::Rc<std::cell::RefCell<Vec<SentBy>>>);
 
     impl Sink for Senders {
         fn query(&mut self, q: &FinishedQuery) {
