@@ -628,7 +628,7 @@ impl LookupTracker {
             LookupKey {
                 pid,
                 cgroup_id,
-                name: CaselessPrefix::new(qname.shared(), asked),
+                name: CaselessPrefix::new(qname.clone(), asked),
             },
             cfg,
         )

@@ -88,22 +88,32 @@ pub fn hash_caseless<H: Hasher>(bytes: &[u8], state: &mut H) {
 }
 
 /// The first `len` bytes of a shared name (the name a program asked for, with the search
-/// domain its resolver added cut off), hashed and compared without regard to ASCII case.
+/// domain its resolver added cut off), hashed and compared without regard to ASCII case. Its
+/// hash is the name's own when nothing is cut off, which is the common case: a fully qualified
+/// name, or a name asked as it is.
 #[derive(Debug, Clone)]
 pub struct CaselessPrefix {
-    name: Arc<str>,
+    name: QName,
     len: usize,
+    hash: u64,
 }
 
 impl CaselessPrefix {
     /// `len` is clamped to the name and moved back to a character boundary, so any value is
     /// safe.
-    pub fn new(name: Arc<str>, len: usize) -> Self {
+    pub fn new(name: QName, len: usize) -> Self {
         let mut len = len.min(name.len());
         while !name.is_char_boundary(len) {
             len -= 1;
         }
-        Self { name, len }
+        let hash = if len == name.len() {
+            name.hash
+        } else {
+            let mut state = NAME_HASHER.build_hasher();
+            hash_caseless(&name.as_bytes()[..len], &mut state);
+            state.finish()
+        };
+        Self { name, len, hash }
     }
 
     pub fn as_str(&self) -> &str {
@@ -113,7 +123,7 @@ impl CaselessPrefix {
 
 impl PartialEq for CaselessPrefix {
     fn eq(&self, other: &Self) -> bool {
-        self.as_str().eq_ignore_ascii_case(other.as_str())
+        self.hash == other.hash && self.as_str().eq_ignore_ascii_case(other.as_str())
     }
 }
 
@@ -121,7 +131,7 @@ impl Eq for CaselessPrefix {}
 
 impl Hash for CaselessPrefix {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        hash_caseless(self.as_str().as_bytes(), state);
+        state.write_u64(self.hash);
     }
 }
 
@@ -168,6 +178,9 @@ mod tests {
         assert_eq!(asked.as_str(), "Api.");
         assert_eq!(asked, plain);
         assert_eq!(hash_of(&asked), hash_of(&plain));
+        let longer = CaselessPrefix::new("api.ns1.svc.cluster.local.".into(), 8);
+        assert_ne!(asked, longer);
+        assert_ne!(hash_of(&asked), hash_of(&longer));
         assert_eq!(CaselessPrefix::new("é.".into(), 1).as_str(), "");
         assert_eq!(CaselessPrefix::new("a.".into(), 99).as_str(), "a.");
     }
