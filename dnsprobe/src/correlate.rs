@@ -726,6 +726,30 @@ mod tests {
         // Sent once and answered: no other response is expected, none is kept for it.
         assert_eq!(why(1, true), None);
 
+        // A response dropped after the client took it off the network (its receive buffer was
+        // full, its socket closed unread) is explained for any query, the latest of its key.
+        let dropped = |queries: &[Box<FinishedQuery>]| {
+            let mut recent = RecentQueries::new(100_000, 16);
+            for q in queries {
+                recent.remember(q, 10_000);
+            }
+            let mut d = drop_of(DroppedPacket::Response, 42);
+            d.reason = "SOCKET_RCVBUFF".into();
+            recent.late_drop(&d).map(|l| (l.qname.to_string(), l.why))
+        };
+        let rcvbuf = Some(("a.test.".to_owned(), "SOCKET_RCVBUFF".to_owned()));
+        assert_eq!(dropped(&[finished_query(1, true)]), rcvbuf);
+        assert_eq!(dropped(&[finished_query(1, false)]), rcvbuf);
+        let mut newer = finished_query(1, true);
+        newer.qname = "b.test.".into();
+        let newer_name = Some(("b.test.".to_owned(), "SOCKET_RCVBUFF".to_owned()));
+        assert_eq!(
+            dropped(&[finished_query(1, false), newer.clone()]),
+            newer_name
+        );
+        newer.outcome = Outcome::Unanswered;
+        assert_eq!(dropped(&[finished_query(1, true), newer]), newer_name);
+
         let mut recent = RecentQueries::new(100_000, 2);
         for _ in 0..3 {
             recent.remember(&finished_query(1, false), 10_000);
@@ -733,7 +757,15 @@ mod tests {
         assert_eq!(recent.len(), 1, "one entry per client and id");
         recent.expire(109_999);
         assert_eq!(recent.len(), 1);
+        recent.remember(&finished_query(1, true), 20_000);
+        assert_eq!(
+            recent.len(),
+            1,
+            "the answered query replaces the older one of its key"
+        );
         recent.expire(110_000);
+        assert_eq!(recent.len(), 1, "the answered query is younger");
+        recent.expire(120_000);
         assert_eq!(recent.len(), 0);
     }
 
@@ -768,6 +800,13 @@ mod tests {
 
 /// Queries that ended recently, by client address and DNS id, so that a response arriving after
 /// its query ended (or dropped on the way to a socket that is gone) can still be tied to it.
+///
+/// Unanswered and resent queries, which late and duplicate answers belong to, are kept by key
+/// for `keep_ns`. Queries sent once and answered once, nearly all of them, are kept only in a
+/// short ring searched when a response is dropped after the client took it from the network
+/// (a full receive buffer, a socket closed with it unread): indexing every query made each one
+/// cost an insert and an eviction in a table as large as `--max-inflight`, an eighth of the
+/// daemon's time under load.
 pub struct RecentQueries {
     /// With the sequence number of the entry: expiry checks it for every entry it pops, and
     /// it is cheaper next to the key than behind the box. Boxed: as many as `--max-inflight`
@@ -775,10 +814,19 @@ pub struct RecentQueries {
     by_client: HashMap<(SocketAddr, u16), (u64, Box<RecentQuery>)>,
     /// (when remembered, key, seq): seq tells a stale entry from the current one of its key.
     order: std::collections::VecDeque<(u64, (SocketAddr, u16), u64)>,
+    /// The latest queries sent once and answered once, oldest first, at most
+    /// `ANSWERED_KEPT`: (when remembered, client, id, query).
+    answered: std::collections::VecDeque<(u64, SocketAddr, u16, RecentQuery)>,
     keep_ns: u64,
     cap: usize,
     next_seq: u64,
 }
+
+/// How many answered queries `RecentQueries` keeps for dropped responses. Such a drop follows
+/// its response within moments (the socket's buffer was full, or it closed unread); this covers
+/// tens of milliseconds at 100,000 queries/s, and a linear search of it costs a few
+/// microseconds per unexplained drop.
+const ANSWERED_KEPT: usize = 4096;
 
 #[derive(Debug, Clone)]
 struct RecentQuery {
@@ -795,6 +843,7 @@ impl RecentQueries {
         Self {
             by_client: HashMap::new(),
             order: std::collections::VecDeque::new(),
+            answered: std::collections::VecDeque::new(),
             keep_ns,
             cap: cap.max(1),
             next_seq: 0,
@@ -802,40 +851,41 @@ impl RecentQueries {
     }
 
     pub fn len(&self) -> usize {
-        self.by_client.len()
+        self.by_client.len() + self.answered.len()
     }
 
-    /// Keeps what a late response or drop needs to be explained, for the queries that can get
-    /// one the client did not take: unanswered ones, and ones sent more than once (the answer
-    /// to an earlier send can come after the one that ended the query). A query sent once and
-    /// answered once gets another response only if the server or the network duplicates it;
-    /// that one is counted in `unmatched_responses`. Remembering every query made each one
-    /// cost an insert and an eviction in a table as large as `--max-inflight`: an eighth of
-    /// the daemon's time under load.
+    /// Keeps what a late response or drop needs to be explained. A query sent once and
+    /// answered once gets another response only if the server or the network duplicates it
+    /// (that one is counted in `unmatched_responses`); only a drop of its one response is
+    /// explained, from the short ring.
     pub fn remember(&mut self, q: &FinishedQuery, now_ns: u64) {
+        let key = (q.client, q.id);
+        let recent = RecentQuery {
+            qname: q.qname.clone(),
+            qtype: q.qtype,
+            first_send_ns: q.first_send_ns(),
+            answered: q.outcome == Outcome::Answered,
+            pid: q.sender.pid,
+            cgroup_id: q.sender.cgroup_id,
+        };
         if q.outcome == Outcome::Answered && q.send_ts_ns.len() < 2 {
+            // This query is now the latest of its key: an older one kept by key must not
+            // take its drops.
+            if !self.by_client.is_empty() {
+                self.by_client.remove(&key);
+            }
+            if self.answered.len() >= ANSWERED_KEPT {
+                self.answered.pop_front();
+            }
+            self.answered.push_back((now_ns, key.0, key.1, recent));
             return;
         }
         while self.order.len() >= self.cap {
             self.pop_oldest();
         }
-        let key = (q.client, q.id);
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.by_client.insert(
-            key,
-            (
-                seq,
-                Box::new(RecentQuery {
-                    qname: q.qname.clone(),
-                    qtype: q.qtype,
-                    first_send_ns: q.first_send_ns(),
-                    answered: q.outcome == Outcome::Answered,
-                    pid: q.sender.pid,
-                    cgroup_id: q.sender.cgroup_id,
-                }),
-            ),
-        );
+        self.by_client.insert(key, (seq, Box::new(recent)));
         self.order.push_back((now_ns, key, seq));
     }
 
@@ -845,6 +895,13 @@ impl RecentQueries {
                 break;
             }
             self.pop_oldest();
+        }
+        while self
+            .answered
+            .front()
+            .is_some_and(|(at, ..)| now_ns.saturating_sub(*at) >= self.keep_ns)
+        {
+            self.answered.pop_front();
         }
     }
 
@@ -888,10 +945,22 @@ impl RecentQueries {
         if drop.packet != DroppedPacket::Response {
             return None;
         }
-        let (_, recent) = self.by_client.get(&(drop.dst, drop.dns_id?))?;
+        let id = drop.dns_id?;
+        let recent = match self.by_client.get(&(drop.dst, id)) {
+            Some((_, recent)) => &**recent,
+            // A key's entry in `by_client` is newer than its queries in the ring (remembering
+            // an answered query removes it), so only without one is the ring's newest match
+            // the query the dropped response was for.
+            None => self
+                .answered
+                .iter()
+                .rev()
+                .find(|(_, client, query_id, _)| *client == drop.dst && *query_id == id)
+                .map(|(.., recent)| recent)?,
+        };
         Some(crate::lookup::LateArrival {
             ts_ns: drop.ts_ns,
-            id: drop.dns_id?,
+            id,
             qname: recent.qname.clone(),
             qtype: recent.qtype,
             after_first_send_ns: drop.ts_ns.saturating_sub(recent.first_send_ns),
