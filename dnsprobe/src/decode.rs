@@ -480,7 +480,9 @@ fn address(rtype: u16, rdata: &[u8]) -> Option<Answer> {
 fn read_common_answers(bytes: &[u8]) -> Option<(u16, Answers)> {
     let mut rcode = u16::from(bytes[3] & 0x0f);
     let records = Records::new(bytes).ok()?;
-    let mut answers = Answers::with_capacity(records.answers);
+    // The header's count is the sender's word: no more records fit than 11-byte ones (a
+    // pointer or root name and the fixed fields).
+    let mut answers = Answers::with_capacity(records.answers.min(bytes.len() / 11));
     for record in records {
         let record = record.ok()?;
         if record.answer {
@@ -559,7 +561,8 @@ fn read_name(bytes: &[u8], start: usize) -> Result<(String, usize), DecodeError>
 }
 
 /// `read_name` into `name` (cleared first), so that its buffer can be reused. Only printable
-/// ASCII is written: anything else in a label is escaped (`\\.`, `\\ddd`, RFC 4343 and RFC 1035 5.1).
+/// ASCII is written: anything else in a label is escaped (`\.`, `\ddd`; RFC 4343, RFC 1035
+/// 5.1).
 fn read_name_into(bytes: &[u8], start: usize, name: &mut Vec<u8>) -> Result<usize, DecodeError> {
     const MAX_POINTERS: usize = 16;
     name.clear();

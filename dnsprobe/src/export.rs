@@ -67,13 +67,17 @@ pub fn rfc3339_nanos(epoch_ns: i128) -> String {
 pub struct Timestamp(pub i128);
 
 impl Timestamp {
-    /// The text of a year in 0..=9999, built on the stack; `None` for any other year.
-    fn common(&self) -> Option<[u8; 30]> {
+    /// Year, month, day, second of the day and nanoseconds.
+    fn parts(&self) -> (i64, u32, u32, u32, u32) {
         let secs = self.0.div_euclid(1_000_000_000) as i64;
         let nanos = self.0.rem_euclid(1_000_000_000) as u32;
-        let days = secs.div_euclid(86_400);
-        let sod = secs.rem_euclid(86_400) as u32;
-        let (y, m, d) = civil_from_days(days);
+        let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+        (y, m, d, secs.rem_euclid(86_400) as u32, nanos)
+    }
+
+    /// The text of a year in 0..=9999, built on the stack; `None` for any other year.
+    fn common(&self) -> Option<[u8; 30]> {
+        let (y, m, d, sod, nanos) = self.parts();
         if !(0..=9999).contains(&y) {
             return None;
         }
@@ -103,10 +107,7 @@ impl std::fmt::Display for Timestamp {
             // Only ASCII digits and separators were written.
             Some(b) => f.write_str(std::str::from_utf8(&b).map_err(|_| std::fmt::Error)?),
             None => {
-                let secs = self.0.div_euclid(1_000_000_000) as i64;
-                let nanos = self.0.rem_euclid(1_000_000_000) as u32;
-                let sod = secs.rem_euclid(86_400) as u32;
-                let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+                let (y, m, d, sod, nanos) = self.parts();
                 write!(
                     f,
                     "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
@@ -133,59 +134,73 @@ impl Serialize for Timestamp {
 /// machinery cost as much as the rest of the record.
 pub struct SocketText<'a>(pub &'a SocketAddr);
 
-impl SocketText<'_> {
-    /// The text in a stack buffer, and its length.
-    fn text(&self) -> Result<([u8; 80], usize), std::io::Error> {
-        address_text(self.0.ip(), Some(self.0))
+/// An address as `Display` writes it, built on the stack.
+struct AddressText {
+    /// At most 64 bytes are written: "[", 45 of IPv6 address, "%" and 10 of scope id,
+    /// "]:65535".
+    buf: [u8; 80],
+    len: usize,
+}
+
+impl AddressText {
+    fn ip(ip: IpAddr) -> Result<Self, std::io::Error> {
+        match ip {
+            IpAddr::V4(v4) => Ok(Self::v4(v4, None)),
+            IpAddr::V6(v6) => Self::displayed(&v6),
+        }
+    }
+
+    fn socket(addr: &SocketAddr) -> Result<Self, std::io::Error> {
+        match addr {
+            SocketAddr::V4(v4) => Ok(Self::v4(*v4.ip(), Some(v4.port()))),
+            SocketAddr::V6(_) => Self::displayed(addr),
+        }
+    }
+
+    fn v4(ip: std::net::Ipv4Addr, port: Option<u16>) -> Self {
+        let mut buf = [0u8; 80];
+        let mut at = 0;
+        for (i, octet) in ip.octets().into_iter().enumerate() {
+            if i > 0 {
+                buf[at] = b'.';
+                at += 1;
+            }
+            at += put_decimal(&mut buf[at..], u32::from(octet));
+        }
+        if let Some(port) = port {
+            buf[at] = b':';
+            at += 1;
+            at += put_decimal(&mut buf[at..], u32::from(port));
+        }
+        Self { buf, len: at }
+    }
+
+    /// IPv6 through `Display` itself: rarer, and its zero compression is easy to get wrong.
+    fn displayed(value: &impl std::fmt::Display) -> Result<Self, std::io::Error> {
+        use std::io::Write as _;
+        let mut buf = [0u8; 80];
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        write!(cursor, "{value}")?;
+        let len = cursor.position() as usize;
+        Ok(Self { buf, len })
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
-/// `ip` as `Display` writes it, or `socket` when given, in a stack buffer; and its length.
-fn address_text(
-    ip: IpAddr,
-    socket: Option<&SocketAddr>,
-) -> Result<([u8; 80], usize), std::io::Error> {
-    let mut buf = [0u8; 80];
-    let len = match (ip, socket) {
-        (IpAddr::V4(v4), _) => {
-            let mut at = 0;
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    buf[at] = b'.';
-                    at += 1;
-                }
-                at += put_decimal(&mut buf[at..], u32::from(octet));
-            }
-            if let Some(socket) = socket {
-                buf[at] = b':';
-                at += 1;
-                at += put_decimal(&mut buf[at..], u32::from(socket.port()));
-            }
-            at
-        }
-        (IpAddr::V6(v6), _) => {
-            use std::io::Write as _;
-            let mut cursor = std::io::Cursor::new(&mut buf[..]);
-            // At most 64 bytes: "[", 45 of address, "%" and 10 of scope id, "]:65535".
-            match socket {
-                Some(socket) => write!(cursor, "{socket}")?,
-                None => write!(cursor, "{v6}")?,
-            }
-            cursor.position() as usize
-        }
-    };
-    Ok((buf, len))
+/// `text` in quotes; the caller knows it needs no escaping.
+fn push_quoted(out: &mut Vec<u8>, text: &[u8]) {
+    out.push(b'"');
+    out.extend_from_slice(text);
+    out.push(b'"');
 }
 
 /// An answer as a JSON string.
 fn push_json_answer(out: &mut Vec<u8>, answer: &Answer) -> Result<(), ExportError> {
     match answer {
-        Answer::Address(ip) => {
-            let (buf, len) = address_text(*ip, None)?;
-            out.push(b'"');
-            out.extend_from_slice(&buf[..len]);
-            out.push(b'"');
-        }
+        Answer::Address(ip) => push_quoted(out, AddressText::ip(*ip)?.as_bytes()),
         Answer::Text(text) => push_json_str(out, text),
     }
     Ok(())
@@ -193,8 +208,8 @@ fn push_json_answer(out: &mut Vec<u8>, answer: &Answer) -> Result<(), ExportErro
 
 impl Serialize for SocketText<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let (buf, len) = self.text().map_err(serde::ser::Error::custom)?;
-        s.serialize_str(std::str::from_utf8(&buf[..len]).map_err(serde::ser::Error::custom)?)
+        let text = AddressText::socket(self.0).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(std::str::from_utf8(text.as_bytes()).map_err(serde::ser::Error::custom)?)
     }
 }
 
@@ -262,11 +277,7 @@ impl<'a> JsonObject<'a> {
     }
 
     fn socket(&mut self, name: &str, addr: &SocketAddr) -> Result<(), ExportError> {
-        let (buf, len) = SocketText(addr).text()?;
-        let out = self.key(name);
-        out.push(b'"');
-        out.extend_from_slice(&buf[..len]);
-        out.push(b'"');
+        push_quoted(self.key(name), AddressText::socket(addr)?.as_bytes());
         Ok(())
     }
 
@@ -311,12 +322,10 @@ fn push_json_str(out: &mut Vec<u8>, value: &str) {
 }
 
 fn push_json_time(out: &mut Vec<u8>, t: Timestamp, seconds: &mut SecondText) {
-    out.push(b'"');
     match seconds.text(t) {
-        Some(text) => out.extend_from_slice(text),
-        None => out.extend_from_slice(t.to_string().as_bytes()),
+        Some(text) => push_quoted(out, text),
+        None => push_quoted(out, t.to_string().as_bytes()),
     }
-    out.push(b'"');
 }
 
 /// The text of the last whole second written: records come in time order, so nearly every

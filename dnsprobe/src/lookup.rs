@@ -462,7 +462,7 @@ impl OpenLookup {
         match self
             .questions
             .iter_mut()
-            .find(|q| q.qtype == query.qtype && q.name.eq_ignore_ascii_case(&query.qname))
+            .find(|q| q.qtype == query.qtype && q.name == query.qname)
         {
             Some(q) => {
                 if at >= q.at_ns {
@@ -485,10 +485,10 @@ impl OpenLookup {
     /// again then starts a new resolver call. Within `REACTION_NS` of the answer it is the same
     /// call going on: glibc asks over TCP after a truncated answer, and may ask A and AAAA
     /// again right after.
-    fn answered_before(&self, qname: &str, qtype: u16, ts_ns: u64) -> bool {
+    fn answered_before(&self, qname: &QName, qtype: u16, ts_ns: u64) -> bool {
         self.questions.iter().any(|q| {
             q.qtype == qtype
-                && q.name.eq_ignore_ascii_case(qname)
+                && q.name == *qname
                 && is_definitive(q.rcode)
                 && q.at_ns.saturating_add(REACTION_NS) < ts_ns
         })

@@ -101,7 +101,8 @@ pub struct Pipeline {
     /// The attribution of the last new query and the batch clock it was made at: a thread
     /// sends its queries in bursts (A and AAAA, the search list), and the next query from the
     /// same thread and cgroup in the same batch (`coarse::freeze`) takes it as it is instead of
-    /// asking every cache again. Outside a batch the clock moves and this never matches.
+    /// asking every cache again. Outside a batch the clock moves, and this practically never
+    /// matches (a match would still be right: the same thread and cgroup in the same instant).
     pub last_sender: Option<(std::time::Instant, Sender)>,
 }
 

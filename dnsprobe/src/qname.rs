@@ -1,9 +1,10 @@
 //! Query names, shared and compared without case.
 //!
-//! A name is decoded once per packet into an `Arc<str>` that keeps the case it was sent with,
-//! for display. Every index that matches names (pending queries, lookups, recent queries)
-//! shares that one allocation and compares it case-insensitively (RFC 4343; resolvers may
-//! randomise case, 0x20) through the wrappers here, instead of keeping lower-case copies.
+//! A name is decoded once per packet into a [`QName`]: an `Arc<str>` that keeps the case it
+//! was sent with, for display, and the hash of its lower case. The indexes that match names
+//! (pending queries by `QName`, lookups by [`CaselessPrefix`]) share that one allocation and
+//! compare it case-insensitively (RFC 4343; resolvers may randomise case, 0x20), instead of
+//! keeping lower-case copies.
 
 use std::{
     hash::{BuildHasher, Hash, Hasher},
