@@ -630,6 +630,11 @@ fn read_name_into(bytes: &[u8], start: usize, name: &mut Vec<u8>) -> Result<usiz
     }
 }
 
+/// Response codes the diagnoses and the live view tell apart (RFC 1035 4.1.1).
+pub const RCODE_NOERROR: u16 = 0;
+pub const RCODE_SERVFAIL: u16 = 2;
+pub const RCODE_NXDOMAIN: u16 = 3;
+
 /// RFC 6895 mnemonic of a response code.
 pub fn rcode_name(rcode: u16) -> String {
     rcode_mnemonic(rcode).into_owned()

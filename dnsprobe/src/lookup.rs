@@ -21,12 +21,10 @@ use serde_json::json;
 
 use crate::{
     correlate::{FinishedQuery, Outcome},
-    decode::{qtype_name, rcode_name, Transport},
+    decode::{qtype_name, rcode_name, Transport, RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_SERVFAIL},
     qname::{CaselessPrefix, QName},
 };
 
-const RCODE_NOERROR: u16 = 0;
-const RCODE_NXDOMAIN: u16 = 3;
 const DEFAULT_TIMEOUT_S: u32 = 5;
 const DEFAULT_ATTEMPTS: u32 = 2;
 /// A send this soon after a response to the same question is a reaction to that response (a
@@ -36,7 +34,6 @@ const REACTION_NS: u64 = 50_000_000;
 /// socket was closed, its receive buffer was full, or it was purged on close.
 const UNREAD_RESPONSE_REASONS: &[&str] =
     &["NO_SOCKET", "SOCKET_RCVBUFF", "QUEUE_PURGE", "SOCKET_CLOSE"];
-const RCODE_SERVFAIL: u16 = 2;
 
 /// The parts of resolv.conf that shape a lookup.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]

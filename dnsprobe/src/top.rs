@@ -34,14 +34,13 @@ use tokio::sync::{oneshot, Notify};
 use crate::{
     attribute::Workload,
     correlate::{DropRecord, FinishedQuery, Outcome},
+    decode::{RCODE_NOERROR, RCODE_NXDOMAIN},
     lookup::{LateArrival, LookupRecord},
     metrics::InternalStats,
     pipeline::Sink,
 };
 
 const REFRESH: Duration = Duration::from_secs(1);
-const RCODE_NOERROR: u16 = 0;
-const RCODE_NXDOMAIN: u16 = 3;
 /// Label of the row that collects pods or names over the cap.
 const OTHERS: &str = "(others)";
 /// A lookup whose only diagnosis is this is routine in a cluster (ndots:5): it shows in the
