@@ -363,44 +363,13 @@ impl Drop for Proc {
     }
 }
 
-/// The cgroup v2 root, from /proc/self/mountinfo (never hard-coded: it is
+/// The cgroup v2 root, found as the daemon finds it (never hard-coded: it is
 /// /sys/fs/cgroup/unified on hybrid machines and /sys/fs/cgroup elsewhere).
 pub fn cgroup2_root() -> &'static Path {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
-        let info =
-            fs::read_to_string("/proc/self/mountinfo").expect("reading /proc/self/mountinfo");
-        info.lines()
-            .find_map(|line| {
-                // `id parent maj:min root mountpoint opts [optional...] - fstype source superopts`
-                let (left, right) = line.split_once(" - ")?;
-                if right.split_whitespace().next()? != "cgroup2" {
-                    return None;
-                }
-                left.split_whitespace().nth(4).map(unescape_mountinfo)
-            })
-            .expect("no cgroup2 mount in /proc/self/mountinfo")
+        dnsprobe::attribute::find_cgroup2_root().expect("finding the cgroup v2 mount")
     })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> PathBuf {
-    let mut out = Vec::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let digits = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
-            if let Ok(v) = u8::from_str_radix(digits, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    PathBuf::from(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// A child cgroup of the cgroup v2 root that the world's clients run in. On drop, whatever
