@@ -188,44 +188,42 @@ impl Pipeline {
         let last_sender = &mut self.last_sender;
         let observed = self.tracker.observe(packet, |p| {
             let now = crate::coarse::now();
-            if let Some((at, last)) = last_sender.as_ref() {
-                if *at == now
-                    && last.pid == p.pid
-                    && last.tid == p.tid
-                    && last.cgroup_id == p.cgroup_id
-                    && last.thread_comm.as_deref() == p.comm.as_deref()
+            let mut sender = match last_sender {
+                Some((at, last))
+                    if *at == now
+                        && last.pid == p.pid
+                        && last.tid == p.tid
+                        && last.cgroup_id == p.cgroup_id
+                        && last.thread_comm.as_deref() == p.comm.as_deref() =>
                 {
-                    let mut sender = last.clone();
-                    sender.lookup = lookups.query_started(
-                        p.ts_ns,
-                        &p.message.question.name,
-                        p.message.question.qtype,
-                        &sender,
-                        lookup_out,
-                    );
-                    return sender;
+                    last.clone()
                 }
-            }
-            let cgroup_path = paths.resolve(p.cgroup_id);
-            // The process may be gone already; its sending thread's name is the next best.
-            let comm = p
-                .pid
-                .and_then(|pid| names.resolve(pid, p.comm.as_deref()))
-                .or_else(|| p.comm.as_deref().map(Arc::from));
-            let workload = attributor.workload(p.cgroup_id, cgroup_path.as_deref());
-            let mut sender = Sender {
-                pid: p.pid,
-                tid: p.tid,
-                comm: comm.clone(),
-                thread_comm: match (&comm, &p.comm) {
-                    // Most programs send from their main thread: share the one string.
-                    (Some(name), Some(thread)) if **name == **thread => Some(name.clone()),
-                    (_, thread) => thread.as_deref().map(Arc::from),
-                },
-                cgroup_id: p.cgroup_id,
-                cgroup_path,
-                workload,
-                lookup: 0,
+                _ => {
+                    let cgroup_path = paths.resolve(p.cgroup_id);
+                    // The process may be gone already; its sending thread's name is the next
+                    // best.
+                    let comm = p
+                        .pid
+                        .and_then(|pid| names.resolve(pid, p.comm.as_deref()))
+                        .or_else(|| p.comm.as_deref().map(Arc::from));
+                    let workload = attributor.workload(p.cgroup_id, cgroup_path.as_deref());
+                    let sender = Sender {
+                        pid: p.pid,
+                        tid: p.tid,
+                        comm: comm.clone(),
+                        thread_comm: match (&comm, &p.comm) {
+                            // Most programs send from their main thread: share the one string.
+                            (Some(name), Some(thread)) if **name == **thread => Some(name.clone()),
+                            (_, thread) => thread.as_deref().map(Arc::from),
+                        },
+                        cgroup_id: p.cgroup_id,
+                        cgroup_path,
+                        workload,
+                        lookup: 0,
+                    };
+                    *last_sender = Some((now, sender.clone()));
+                    sender
+                }
             };
             sender.lookup = lookups.query_started(
                 p.ts_ns,
@@ -234,7 +232,6 @@ impl Pipeline {
                 &sender,
                 lookup_out,
             );
-            *last_sender = Some((now, sender.clone()));
             sender
         });
         match observed {
