@@ -93,6 +93,7 @@ impl std::fmt::Display for Answer {
     }
 }
 
+#[cfg(test)]
 impl From<&str> for Answer {
     /// An address when the text is one, else the text.
     fn from(text: &str) -> Self {
@@ -103,7 +104,8 @@ impl From<&str> for Answer {
     }
 }
 
-/// For tests and comparisons with expected text: equal when `text` reads as this answer.
+/// For comparisons with expected text: equal when `text` reads as this answer.
+#[cfg(test)]
 impl PartialEq<&str> for Answer {
     fn eq(&self, text: &&str) -> bool {
         match self {

@@ -24,17 +24,10 @@ static NAME_HASHER: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Defaul
 
 impl QName {
     pub fn new(text: &str) -> Self {
-        let mut state = NAME_HASHER.build_hasher();
-        hash_caseless(text.as_bytes(), &mut state);
         Self {
             text: text.into(),
-            hash: state.finish(),
+            hash: caseless_hash(text.as_bytes()),
         }
-    }
-
-    /// The shared text, for keys that keep part of it.
-    pub fn shared(&self) -> Arc<str> {
-        self.text.clone()
     }
 }
 
@@ -73,9 +66,11 @@ impl Hash for QName {
     }
 }
 
-/// Feeds `bytes` to `state` as their ASCII lower case would be, without allocating: equal up
-/// to ASCII case means equal hashes. Chunked through a stack buffer, so any length works.
-pub fn hash_caseless<H: Hasher>(bytes: &[u8], state: &mut H) {
+/// The hash of `bytes` in ASCII lower case, with the process's seed, computed without
+/// allocating: equal up to ASCII case means equal hashes. Chunked through a stack buffer, so
+/// any length works.
+fn caseless_hash(bytes: &[u8]) -> u64 {
+    let mut state = NAME_HASHER.build_hasher();
     let mut buf = [0u8; 128];
     for chunk in bytes.chunks(buf.len()) {
         let lower = &mut buf[..chunk.len()];
@@ -86,6 +81,7 @@ pub fn hash_caseless<H: Hasher>(bytes: &[u8], state: &mut H) {
     // Like `str`'s own `Hash`: the terminator keeps ("ab", "c") and ("a", "bc") apart in a
     // key that hashes two names.
     state.write_u8(0xff);
+    state.finish()
 }
 
 /// The first `len` bytes of a shared name (the name a program asked for, with the search
@@ -110,9 +106,7 @@ impl CaselessPrefix {
         let hash = if len == name.len() {
             name.hash
         } else {
-            let mut state = NAME_HASHER.build_hasher();
-            hash_caseless(&name.as_bytes()[..len], &mut state);
-            state.finish()
+            caseless_hash(&name.as_bytes()[..len])
         };
         Self { name, len, hash }
     }
