@@ -281,6 +281,25 @@ impl<'a> JsonObject<'a> {
         Ok(())
     }
 
+    /// A JSON array of `items`, each written by `item`.
+    fn array<T>(
+        &mut self,
+        name: &str,
+        items: &[T],
+        mut item: impl FnMut(&mut Vec<u8>, &T) -> Result<(), ExportError>,
+    ) -> Result<(), ExportError> {
+        let out = self.key(name);
+        out.push(b'[');
+        for (i, value) in items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            item(out, value)?;
+        }
+        out.push(b']');
+        Ok(())
+    }
+
     /// A value serde writes (nested objects, rare fields).
     fn serde(&mut self, name: &str, value: &impl Serialize) -> Result<(), ExportError> {
         serde_json::to_writer(&mut *self.key(name), value)?;
@@ -540,24 +559,12 @@ impl<W: Write> RecordWriter<W> {
         o.opt_str("rcode", q.rcode.map(rcode_mnemonic).as_deref());
         o.opt_num("latency_ns", q.latency_ns());
         o.num("sends", q.send_ts_ns.len());
-        let out = o.key("send_times");
-        out.push(b'[');
-        for (i, &t) in q.send_ts_ns.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            push_json_time(out, Timestamp(clock.wall_ns(t)), &mut self.seconds);
-        }
-        out.push(b']');
-        let out = o.key("answers");
-        out.push(b'[');
-        for (i, answer) in q.answers.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            push_json_answer(out, answer)?;
-        }
-        out.push(b']');
+        let seconds = &mut self.seconds;
+        o.array("send_times", &q.send_ts_ns, |out, &t| {
+            push_json_time(out, Timestamp(clock.wall_ns(t)), seconds);
+            Ok(())
+        })?;
+        o.array("answers", &q.answers, push_json_answer)?;
         o.bool("truncated", q.truncated);
         o.opt_num("pid", q.sender.pid);
         o.opt_num("tid", q.sender.tid);
