@@ -27,20 +27,27 @@ use hickory_proto::{
 struct CountingAllocator;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+/// Heap bytes allocated and not yet freed, as requested (the allocator's own overhead per
+/// block is not included).
+static LIVE_BYTES: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: every call is passed on unchanged to the system allocator.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: as above.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        LIVE_BYTES.fetch_sub(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: as above.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -181,6 +188,56 @@ fn resolver_like(queries: usize) -> Vec<Vec<u8>> {
     out
 }
 
+/// Queries that are never answered, each of its own name, from 64 sockets of one process:
+/// what the state of an upstream outage is made of.
+fn unanswered(queries: usize) -> Vec<Vec<u8>> {
+    let mut out = Vec::with_capacity(queries);
+    for i in 0..queries {
+        let socket = (i % 64) as u64;
+        record(
+            1_000_000_000 + i as u64 * 50_000,
+            100 + socket,
+            4242,
+            7,
+            40_000 + socket as u16,
+            DIR_EGRESS,
+            &message(
+                (i / 64) as u16,
+                &format!("q{i}.bench.test."),
+                RecordType::A,
+                false,
+            ),
+            &mut out,
+        );
+    }
+    out
+}
+
+/// Heap bytes held per pending query once `queries` unanswered queries went through a
+/// pipeline capped at `cap` in-flight queries (the daemon's default `--max-inflight`).
+fn heap_per_pending_query(missing: &std::path::Path, queries: usize, cap: usize) {
+    let records = unanswered(queries);
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    let mut pipeline = Pipeline::offline_capped(missing, cap);
+    {
+        let _clock = coarse::freeze();
+        for r in &records {
+            pipeline.handle_record(r);
+        }
+        pipeline.flush();
+    }
+    let held = LIVE_BYTES.load(Ordering::Relaxed) - before;
+    let pending = pipeline.tracker.in_flight();
+    assert_eq!(pending, cap.min(queries), "the cap did not hold");
+    println!(
+        "\n{queries} unanswered queries, cap {cap}: {pending} pending, {:.1} MiB of heap, \
+         {:.0} bytes per pending query",
+        held as f64 / (1024.0 * 1024.0),
+        held as f64 / pending as f64
+    );
+    black_box(pipeline);
+}
+
 /// Time and allocations (including reallocations) per query of `f`.
 fn per_query(records: &[Vec<u8>], queries: usize, f: impl FnOnce(&[Vec<u8>])) -> (f64, f64) {
     let allocations = ALLOCATIONS.load(Ordering::Relaxed);
@@ -256,5 +313,8 @@ fn main() {
             "{name:<14} {queries:>10} {decode:>12.0} {full:>12.0} {:>8.2} {decode_allocs:>14.1} {full_allocs:>12.1}",
             full / decode
         );
+    }
+    if only.as_deref().is_none_or(|o| o == "unanswered") {
+        heap_per_pending_query(&missing, 100_000, 65_536);
     }
 }

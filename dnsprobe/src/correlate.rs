@@ -5,35 +5,15 @@
 //! resends. The first response that matches ends it. Pending state is bounded: beyond
 //! `max_inflight` the oldest query is evicted and counted.
 
-use std::{collections::BTreeMap, net::SocketAddr};
-
-use std::sync::Arc;
+use std::{hash::BuildHasher as _, net::SocketAddr, sync::Arc};
 
 use foldhash::{HashMap, HashMapExt as _};
+use hashbrown::HashTable;
 
 use crate::{
     decode::{Direction, Packet, Transport},
     qname::QName,
 };
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct QueryKey {
-    socket_cookie: u64,
-    id: u16,
-    qname: QName,
-    qtype: u16,
-}
-
-impl QueryKey {
-    fn of(query: &FinishedQuery) -> Self {
-        Self {
-            socket_cookie: query.socket_cookie,
-            id: query.id,
-            qname: query.qname.clone(),
-            qtype: query.qtype,
-        }
-    }
-}
 
 /// Where a query came from, as far as the kernel could tell at send time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,30 +163,63 @@ pub struct TrackerStats {
     pub evicted: u64,
 }
 
+/// Where a pending query sits in `QueryTracker::slots`.
+type Slot = u32;
+/// No slot: either end of the first-seen list.
+const NO_SLOT: Slot = Slot::MAX;
+
+/// A place for a pending query, reused once the query is over. Slots are linked in the order
+/// their queries were first seen, so the oldest is found (to expire or evict) without an
+/// ordered map, and taking a query out of the middle costs nothing.
+struct PendingSlot {
+    /// `None` while the slot is free. Boxed: it is handed on as it is when the query ends.
+    query: Option<Box<FinishedQuery>>,
+    /// The query's hashes in `by_key` and `by_client`, kept so that the tables can grow and
+    /// entries be removed without reading the query itself.
+    key_hash: u64,
+    client_hash: u64,
+    older: Slot,
+    newer: Slot,
+}
+
 pub struct QueryTracker {
-    /// Pending queries by sequence number, that is in the order they were first seen (which is
-    /// first-send order up to the small reordering between CPUs). Boxed: a pending query is a
-    /// few hundred bytes, and tens of thousands can be in flight.
-    pending: BTreeMap<u64, Box<FinishedQuery>>,
-    by_key: HashMap<QueryKey, u64>,
+    /// Pending queries, linked from `oldest` to `newest` in the order they were first seen
+    /// (first-send order up to the small reordering between CPUs).
+    slots: Vec<PendingSlot>,
+    /// Slots whose query is over, for the next query.
+    free: Vec<Slot>,
+    oldest: Slot,
+    newest: Slot,
+    in_flight: usize,
+    /// Pending queries by socket cookie, DNS id and question. The tables hold slot numbers
+    /// only and compare with the query in the slot: with tens of thousands of queries in
+    /// flight, a copy of every key in the tables would cost more than the queries themselves.
+    by_key: HashTable<Slot>,
     /// Client address and DNS id of each pending query: what a dropped packet can be matched
     /// by, since a forwarded packet has no socket and may already be NATed towards a backend.
-    by_client: HashMap<(SocketAddr, u16), u64>,
+    /// When two pending queries share them, the newer one is here.
+    by_client: HashTable<Slot>,
+    /// Seeded per tracker, so that query senders cannot choose keys that collide.
+    hasher: foldhash::fast::RandomState,
     timeout_ns: u64,
     max_inflight: usize,
-    next_seq: u64,
     stats: TrackerStats,
 }
 
 impl QueryTracker {
     pub fn new(timeout_ns: u64, max_inflight: usize) -> Self {
         Self {
-            pending: BTreeMap::new(),
-            by_key: HashMap::new(),
-            by_client: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            oldest: NO_SLOT,
+            newest: NO_SLOT,
+            in_flight: 0,
+            by_key: HashTable::new(),
+            by_client: HashTable::new(),
+            hasher: Default::default(),
             timeout_ns,
-            max_inflight: max_inflight.max(1),
-            next_seq: 0,
+            // Slot numbers are u32, with one value kept for `NO_SLOT`.
+            max_inflight: max_inflight.clamp(1, (NO_SLOT - 1) as usize),
             stats: TrackerStats::default(),
         }
     }
@@ -216,7 +229,7 @@ impl QueryTracker {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.pending.len()
+        self.in_flight
     }
 
     /// Feeds one packet. `sender` is called only for a new query, to attribute it.
@@ -233,71 +246,93 @@ impl QueryTracker {
         }
     }
 
+    fn key_hash(&self, packet: &Packet) -> u64 {
+        let m = &packet.message;
+        self.hasher.hash_one((
+            packet.socket_cookie,
+            m.id,
+            &m.question.name,
+            m.question.qtype,
+        ))
+    }
+
+    /// The pending query `packet` (a query or its response) belongs to.
+    fn find_by_key(&self, hash: u64, packet: &Packet) -> Option<Slot> {
+        let m = &packet.message;
+        self.by_key
+            .find(hash, |&slot| {
+                self.slots[slot as usize].query.as_ref().is_some_and(|q| {
+                    q.socket_cookie == packet.socket_cookie
+                        && q.id == m.id
+                        && q.qtype == m.question.qtype
+                        && q.qname == m.question.name
+                })
+            })
+            .copied()
+    }
+
     fn on_query(&mut self, packet: Packet, sender: impl FnOnce(&Packet) -> Sender) -> Observation {
-        let key = QueryKey {
-            socket_cookie: packet.socket_cookie,
-            id: packet.message.id,
-            qname: packet.message.question.name.clone(),
-            qtype: packet.message.question.qtype,
-        };
-        if let Some(pending) = self
-            .by_key
-            .get(&key)
-            .and_then(|seq| self.pending.get_mut(seq))
-        {
-            pending.send_ts_ns.push(packet.ts_ns);
-            self.stats.resends += 1;
-            return Observation::Resent;
+        let key_hash = self.key_hash(&packet);
+        if let Some(slot) = self.find_by_key(key_hash, &packet) {
+            if let Some(pending) = self.slots[slot as usize].query.as_mut() {
+                pending.send_ts_ns.push(packet.ts_ns);
+                self.stats.resends += 1;
+                return Observation::Resent;
+            }
         }
-        if self.pending.len() >= self.max_inflight {
+        if self.in_flight >= self.max_inflight {
             self.evict_oldest();
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
         self.stats.queries += 1;
-        self.by_key.insert(key, seq);
-        self.by_client.insert((packet.src, packet.message.id), seq);
+        let client_hash = self.hasher.hash_one((packet.src, packet.message.id));
         let sender = sender(&packet);
         let message = packet.message;
-        self.pending.insert(
-            seq,
-            Box::new(FinishedQuery {
-                qname: message.question.name,
-                qtype: message.question.qtype,
-                id: message.id,
-                transport: packet.transport,
-                client: packet.src,
-                server: packet.dst,
-                socket_cookie: packet.socket_cookie,
-                send_ts_ns: smallvec::smallvec![packet.ts_ns],
-                response_ts_ns: None,
-                outcome: Outcome::Unanswered,
-                rcode: None,
-                truncated: false,
-                answers: Default::default(),
-                sender,
-                drops: Vec::new(),
-            }),
-        );
+        let query = Box::new(FinishedQuery {
+            qname: message.question.name,
+            qtype: message.question.qtype,
+            id: message.id,
+            transport: packet.transport,
+            client: packet.src,
+            server: packet.dst,
+            socket_cookie: packet.socket_cookie,
+            send_ts_ns: smallvec::smallvec![packet.ts_ns],
+            response_ts_ns: None,
+            outcome: Outcome::Unanswered,
+            rcode: None,
+            truncated: false,
+            answers: Default::default(),
+            sender,
+            drops: Vec::new(),
+        });
+        let slot = self.link_newest(query, key_hash, client_hash);
+        let slots = &self.slots;
+        self.by_key
+            .insert_unique(key_hash, slot, |&s| slots[s as usize].key_hash);
+        let same_client = |&s: &Slot| {
+            slots[s as usize]
+                .query
+                .as_ref()
+                .is_some_and(|q| q.client == packet.src && q.id == message.id)
+        };
+        match self.by_client.find_mut(client_hash, same_client) {
+            Some(older) => *older = slot,
+            None => {
+                self.by_client
+                    .insert_unique(client_hash, slot, |&s| slots[s as usize].client_hash);
+            }
+        }
         Observation::Started
     }
 
     fn on_response(&mut self, packet: Packet) -> Observation {
-        let key = QueryKey {
-            socket_cookie: packet.socket_cookie,
-            id: packet.message.id,
-            qname: packet.message.question.name.clone(),
-            qtype: packet.message.question.qtype,
-        };
-        let Some(seq) = self.by_key.get(&key).copied() else {
+        let key_hash = self.key_hash(&packet);
+        let Some(mut query) = self
+            .find_by_key(key_hash, &packet)
+            .and_then(|slot| self.remove(slot))
+        else {
             self.stats.unmatched_responses += 1;
             return Observation::Unmatched(packet);
         };
-        let Some(pending) = self.remove(seq) else {
-            self.stats.unmatched_responses += 1;
-            return Observation::Unmatched(packet);
-        };
-        let mut query = pending;
         self.stats.answered += 1;
         query.response_ts_ns = Some(packet.ts_ns);
         query.outcome = Outcome::Answered;
@@ -307,27 +342,68 @@ impl QueryTracker {
         Observation::Finished(query)
     }
 
-    /// Takes a pending query out of every index.
-    fn remove(&mut self, seq: u64) -> Option<Box<FinishedQuery>> {
-        let pending = self.pending.remove(&seq)?;
-        let key = QueryKey::of(&pending);
-        if self.by_key.get(&key) == Some(&seq) {
-            self.by_key.remove(&key);
+    /// Puts a new query in a free slot at the newest end of the list.
+    fn link_newest(&mut self, query: Box<FinishedQuery>, key_hash: u64, client_hash: u64) -> Slot {
+        let entry = PendingSlot {
+            query: Some(query),
+            key_hash,
+            client_hash,
+            older: self.newest,
+            newer: NO_SLOT,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = entry;
+                slot
+            }
+            None => {
+                self.slots.push(entry);
+                (self.slots.len() - 1) as Slot
+            }
+        };
+        match self.newest {
+            NO_SLOT => self.oldest = slot,
+            newest => self.slots[newest as usize].newer = slot,
         }
-        let client_key = (pending.client, pending.id);
-        if self.by_client.get(&client_key) == Some(&seq) {
-            self.by_client.remove(&client_key);
+        self.newest = slot;
+        self.in_flight += 1;
+        slot
+    }
+
+    /// Takes a pending query out of its slot, the list and every index.
+    fn remove(&mut self, slot: Slot) -> Option<Box<FinishedQuery>> {
+        let entry = &mut self.slots[slot as usize];
+        let query = entry.query.take()?;
+        let (older, newer) = (entry.older, entry.newer);
+        let (key_hash, client_hash) = (entry.key_hash, entry.client_hash);
+        match older {
+            NO_SLOT => self.oldest = newer,
+            older => self.slots[older as usize].newer = newer,
         }
-        Some(pending)
+        match newer {
+            NO_SLOT => self.newest = older,
+            newer => self.slots[newer as usize].older = older,
+        }
+        if let Ok(e) = self.by_key.find_entry(key_hash, |&s| s == slot) {
+            e.remove();
+        }
+        // Absent when a newer query of the same client and id took its place.
+        if let Ok(e) = self.by_client.find_entry(client_hash, |&s| s == slot) {
+            e.remove();
+        }
+        self.free.push(slot);
+        self.in_flight -= 1;
+        Some(query)
     }
 
     /// Ends every query whose first send is older than the timeout at kernel time `now_ns`.
     pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Box<FinishedQuery>>) {
-        while let Some((&seq, pending)) = self.pending.first_key_value() {
-            if now_ns.saturating_sub(pending.first_send_ns()) < self.timeout_ns {
+        while let Some(oldest) = self.slots.get(self.oldest as usize) {
+            let first_send = oldest.query.as_ref().map(|q| q.first_send_ns());
+            if first_send.is_some_and(|t| now_ns.saturating_sub(t) < self.timeout_ns) {
                 break;
             }
-            let Some(mut query) = self.remove(seq) else {
+            let Some(mut query) = self.remove(self.oldest) else {
                 break;
             };
             self.stats.unanswered += 1;
@@ -339,10 +415,8 @@ impl QueryTracker {
     }
 
     fn evict_oldest(&mut self) {
-        if let Some((&seq, _)) = self.pending.first_key_value() {
-            if self.remove(seq).is_some() {
-                self.stats.evicted += 1;
-            }
+        if self.oldest != NO_SLOT && self.remove(self.oldest).is_some() {
+            self.stats.evicted += 1;
         }
     }
 
@@ -357,10 +431,19 @@ impl QueryTracker {
             DroppedPacket::Query => drop.src,
             DroppedPacket::Response => drop.dst,
         };
-        let Some(seq) = self.by_client.get(&(client, id)) else {
+        let slots = &self.slots;
+        let Some(&slot) = self
+            .by_client
+            .find(self.hasher.hash_one((client, id)), |&s| {
+                slots[s as usize]
+                    .query
+                    .as_ref()
+                    .is_some_and(|q| q.client == client && q.id == id)
+            })
+        else {
             return Some(drop);
         };
-        let Some(pending) = self.pending.get_mut(seq) else {
+        let Some(pending) = self.slots[slot as usize].query.as_mut() else {
             return Some(drop);
         };
         self.stats.drops_linked += 1;
@@ -795,6 +878,142 @@ mod tests {
             )
             .finished()
             .is_none());
+    }
+
+    /// The tracker against a plain model of its rules (a list searched linearly), over a long
+    /// pseudo-random mix of queries, resends, responses, drops, expiry and eviction: slots are
+    /// reused and the tables grow and shrink many times on the way.
+    #[test]
+    fn tracker_agrees_with_a_linear_model() {
+        #[derive(Debug)]
+        struct Model {
+            seq: u64,
+            cookie: u64,
+            id: u16,
+            name: &'static str,
+            sends: Vec<u64>,
+            drops: usize,
+        }
+        const TIMEOUT: u64 = 400;
+        const CAP: usize = 12;
+        let names = ["a.test.", "b.test.", "c.test."];
+        let mut t = QueryTracker::new(TIMEOUT, CAP);
+        let mut model: Vec<Model> = Vec::new();
+        // The pending query a drop of each id links to: the newest started with it, while it
+        // is pending.
+        let mut by_id: HashMap<u16, u64> = HashMap::new();
+        let (mut evicted, mut expired, mut linked) = (0u64, 0u64, 0u64);
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut seq = 0u64;
+        for step in 0..20_000u64 {
+            let ts = step * 10;
+            let (cookie, id) = (1 + next(3), next(6) as u16);
+            let name = names[next(3) as usize];
+            let same = |m: &Model| m.cookie == cookie && m.id == id && m.name == name;
+            match next(10) {
+                0..=4 => {
+                    let obs = t.observe(
+                        packet(Direction::Egress, ts, cookie, id, name, false),
+                        sender,
+                    );
+                    if let Some(m) = model.iter_mut().find(|m| same(m)) {
+                        m.sends.push(ts);
+                        assert!(matches!(obs, Observation::Resent), "step {step}: {obs:?}");
+                        continue;
+                    }
+                    assert!(matches!(obs, Observation::Started), "step {step}: {obs:?}");
+                    if model.len() >= CAP {
+                        let gone = model.remove(0);
+                        by_id.retain(|_, s| *s != gone.seq);
+                        evicted += 1;
+                    }
+                    seq += 1;
+                    by_id.insert(id, seq);
+                    model.push(Model {
+                        seq,
+                        cookie,
+                        id,
+                        name,
+                        sends: vec![ts],
+                        drops: 0,
+                    });
+                }
+                5..=7 => {
+                    let upper = name.to_ascii_uppercase();
+                    let obs = t.observe(
+                        packet(Direction::Ingress, ts, cookie, id, &upper, true),
+                        sender,
+                    );
+                    match model.iter().position(same) {
+                        Some(at) => {
+                            let m = model.remove(at);
+                            by_id.retain(|_, s| *s != m.seq);
+                            let q = obs
+                                .finished()
+                                .unwrap_or_else(|| panic!("step {step}: unmatched"));
+                            assert_eq!(q.send_ts_ns[..], m.sends[..], "step {step}");
+                            assert_eq!(
+                                (q.id, &*q.qname, q.drops.len()),
+                                (m.id, m.name, m.drops),
+                                "step {step}"
+                            );
+                        }
+                        None => assert!(
+                            matches!(obs, Observation::Unmatched(_)),
+                            "step {step}: {obs:?}"
+                        ),
+                    }
+                }
+                8 => {
+                    let back = t.on_drop(drop_of(DroppedPacket::Query, id));
+                    match by_id
+                        .get(&id)
+                        .and_then(|s| model.iter_mut().find(|m| m.seq == *s))
+                    {
+                        Some(m) => {
+                            m.drops += 1;
+                            linked += 1;
+                            assert!(back.is_none(), "step {step}: drop not linked");
+                        }
+                        None => assert!(back.is_some(), "step {step}: drop linked to nothing"),
+                    }
+                }
+                _ => {
+                    let mut out = Vec::new();
+                    t.expire(ts, &mut out);
+                    let due = model
+                        .iter()
+                        .take_while(|m| ts - m.sends[0] >= TIMEOUT)
+                        .count();
+                    let gone: Vec<Model> = model.drain(..due).collect();
+                    assert_eq!(out.len(), gone.len(), "step {step}");
+                    for (q, m) in out.iter().zip(&gone) {
+                        by_id.retain(|_, s| *s != m.seq);
+                        assert_eq!(q.send_ts_ns[..], m.sends[..], "step {step}");
+                        let outcome = if m.drops > 0 {
+                            Outcome::Dropped
+                        } else {
+                            Outcome::Unanswered
+                        };
+                        assert_eq!(q.outcome, outcome, "step {step}");
+                    }
+                    expired += gone.len() as u64;
+                }
+            }
+            assert_eq!(t.in_flight(), model.len(), "step {step}");
+        }
+        let stats = t.stats();
+        assert_eq!(
+            (stats.evicted, stats.unanswered, stats.drops_linked),
+            (evicted, expired, linked)
+        );
+        assert!(evicted > 100 && expired > 100 && linked > 100, "{stats:?}");
     }
 }
 

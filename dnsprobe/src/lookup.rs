@@ -16,8 +16,10 @@ use std::{
 };
 
 use foldhash::{HashMap, HashMapExt as _};
+use hashbrown::HashTable;
 use serde::Serialize;
 use serde_json::json;
+use std::hash::BuildHasher as _;
 
 use crate::{
     correlate::{FinishedQuery, Outcome},
@@ -389,6 +391,8 @@ fn lookup_end_ns(lookup: &OpenLookup, query_timeout_ns: u64) -> u64 {
 
 struct OpenLookup {
     key: LookupKey,
+    /// `key`'s hash in `LookupTracker::by_key`.
+    key_hash: u64,
     resolver: Option<Arc<ResolverConfig>>,
     first_send_ns: u64,
     /// When the lookup last saw a query start or end (kernel time).
@@ -425,12 +429,14 @@ struct QuestionState {
 impl OpenLookup {
     fn new(
         key: LookupKey,
+        key_hash: u64,
         resolver: Option<Arc<ResolverConfig>>,
         ts_ns: u64,
         sender: &crate::correlate::Sender,
     ) -> Self {
         Self {
             key,
+            key_hash,
             resolver,
             first_send_ns: ts_ns,
             last_activity_ns: ts_ns,
@@ -546,18 +552,44 @@ pub struct LookupStats {
 /// lookup that grows with every query, and whose diagnosis at the end walks them all.
 pub const MAX_QUERIES_PER_LOOKUP: usize = 128;
 
-/// Identifies an open lookup; queries carry it from start to end (`Sender::lookup`).
+/// Identifies an open lookup; queries carry it from start to end (`Sender::lookup`). The low
+/// 32 bits are the lookup's slot in `LookupTracker::open`, the high 32 bits the slot's
+/// generation: an id outlives its lookup without ever naming the next one in its slot. 0 is
+/// never an id.
 pub type LookupId = u64;
 
-pub struct LookupTracker {
+/// A place for an open lookup, reused once it closes.
+struct LookupSlot {
+    /// Starts at 1 and moves on each time the slot is freed.
+    generation: u32,
     /// Boxed: an open lookup is a few hundred bytes, and as many may be open as queries.
-    open: HashMap<LookupId, Box<OpenLookup>>,
+    lookup: Option<Box<OpenLookup>>,
+}
+
+/// The open lookup `id` names, if it is still open.
+fn open_lookup(open: &[LookupSlot], id: LookupId) -> Option<&OpenLookup> {
+    let slot = open.get((id & u64::from(u32::MAX)) as usize)?;
+    if u64::from(slot.generation) != id >> 32 {
+        return None;
+    }
+    slot.lookup.as_deref()
+}
+
+pub struct LookupTracker {
+    /// Open lookups, found by id without hashing: every finished query looks its lookup up.
+    open: Vec<LookupSlot>,
+    /// Slots of `open` free for the next lookup.
+    free: Vec<u32>,
+    open_count: usize,
     /// The lookup new queries of a process and asked name join. A lookup taken out of here
-    /// (a new resolver call began) stays in `open` until its own queries are over.
-    by_key: HashMap<LookupKey, LookupId>,
+    /// (a new resolver call began) stays in `open` until its own queries are over. Ids only,
+    /// compared with the key in the lookup: a copy of every key would cost more than the
+    /// table.
+    by_key: HashTable<LookupId>,
+    /// Seeded per tracker, so that senders cannot choose keys that collide.
+    hasher: foldhash::fast::RandomState,
     /// Ids in creation order, for eviction; ids of lookups closed since are skipped then.
     order: VecDeque<LookupId>,
-    next_id: LookupId,
     configs: ResolverConfigs,
     idle_ns: u64,
     /// A lookup whose query was lost (evicted) is closed after this much silence anyway.
@@ -577,15 +609,17 @@ impl LookupTracker {
     ) -> Self {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         Self {
-            open: HashMap::new(),
-            by_key: HashMap::new(),
+            open: Vec::new(),
+            free: Vec::new(),
+            open_count: 0,
+            by_key: HashTable::new(),
+            hasher: Default::default(),
             order: VecDeque::new(),
-            // 0 is never an id: a query that opened no lookup carries it.
-            next_id: 1,
             configs,
             idle_ns: ns(idle),
             stale_ns: ns(query_timeout).saturating_add(ns(idle)),
-            max_open: max_open.max(1),
+            // Slot numbers are u32.
+            max_open: max_open.clamp(1, u32::MAX as usize),
             diagnosis,
             stats: LookupStats::default(),
         }
@@ -596,7 +630,70 @@ impl LookupTracker {
     }
 
     pub fn open_lookups(&self) -> usize {
-        self.open.len()
+        self.open_count
+    }
+
+    fn get_mut(&mut self, id: LookupId) -> Option<&mut OpenLookup> {
+        let slot = self.open.get_mut((id & u64::from(u32::MAX)) as usize)?;
+        if u64::from(slot.generation) != id >> 32 {
+            return None;
+        }
+        slot.lookup.as_deref_mut()
+    }
+
+    /// The open lookup of `key` (hashed to `hash`) that new queries join.
+    fn find_by_key(&self, hash: u64, key: &LookupKey) -> Option<LookupId> {
+        let open = &self.open;
+        self.by_key
+            .find(hash, |&id| {
+                open_lookup(open, id).is_some_and(|l| l.key == *key)
+            })
+            .copied()
+    }
+
+    fn unindex(&mut self, hash: u64, id: LookupId) {
+        if let Ok(entry) = self.by_key.find_entry(hash, |&i| i == id) {
+            entry.remove();
+        }
+    }
+
+    /// Opens a lookup in a free slot, under its key.
+    fn insert(&mut self, lookup: Box<OpenLookup>) -> LookupId {
+        let key_hash = lookup.key_hash;
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.open.push(LookupSlot {
+                    generation: 1,
+                    lookup: None,
+                });
+                (self.open.len() - 1) as u32
+            }
+        };
+        let entry = &mut self.open[slot as usize];
+        entry.lookup = Some(lookup);
+        self.open_count += 1;
+        let id = (u64::from(entry.generation) << 32) | u64::from(slot);
+        let open = &self.open;
+        self.by_key.insert_unique(key_hash, id, |&i| {
+            open_lookup(open, i).map_or(0, |l| l.key_hash)
+        });
+        id
+    }
+
+    /// Takes an open lookup out of its slot and the key index.
+    fn take(&mut self, id: LookupId) -> Option<Box<OpenLookup>> {
+        let slot = self.open.get_mut((id & u64::from(u32::MAX)) as usize)?;
+        if u64::from(slot.generation) != id >> 32 {
+            return None;
+        }
+        let lookup = slot.lookup.take()?;
+        // Never 0: 0 is no id.
+        slot.generation = slot.generation.checked_add(1).unwrap_or(1);
+        self.free.push((id & u64::from(u32::MAX)) as u32);
+        self.open_count -= 1;
+        self.unindex(lookup.key_hash, id);
+        Some(lookup)
     }
 
     pub fn resolver_configs(&self) -> usize {
@@ -643,8 +740,9 @@ impl LookupTracker {
     ) -> LookupId {
         let cgroup_path = sender.cgroup_path.as_deref();
         let (key, resolver) = self.key_for(sender.pid, sender.cgroup_id, cgroup_path, qname);
-        if let Some(&id) = self.by_key.get(&key) {
-            if let Some(lookup) = self.open.get_mut(&id) {
+        let key_hash = self.hasher.hash_one(&key);
+        if let Some(id) = self.find_by_key(key_hash, &key) {
+            if let Some(lookup) = self.get_mut(id) {
                 let full = lookup.queries.len() + lookup.pending as usize >= MAX_QUERIES_PER_LOOKUP;
                 // Nothing in flight, every question answered for good, and this very question
                 // asked again: the program called its resolver anew.
@@ -660,26 +758,23 @@ impl LookupTracker {
                 if full {
                     self.stats.capped += 1;
                 }
-                // Taken out of the key map: it closes once idle, like any other.
-                self.by_key.remove(&key);
+                // Taken out of the key index: it closes once idle, like any other.
+                self.unindex(key_hash, id);
             }
         }
-        if self.open.len() >= self.max_open {
+        if self.open_count >= self.max_open {
             self.evict_oldest(out);
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut lookup = Box::new(OpenLookup::new(key.clone(), resolver, ts_ns, sender));
+        let mut lookup = Box::new(OpenLookup::new(key, key_hash, resolver, ts_ns, sender));
         lookup.pending = 1;
-        self.open.insert(id, lookup);
-        self.by_key.insert(key, id);
+        let id = self.insert(lookup);
         self.order.push_back(id);
         id
     }
 
     /// A query ended (answered or timed out).
     pub fn query_finished(&mut self, query: Box<FinishedQuery>, now_ns: u64) {
-        let Some(lookup) = self.open.get_mut(&query.sender.lookup) else {
+        let Some(lookup) = self.get_mut(query.sender.lookup) else {
             // Its lookup was evicted; the query record itself was still written.
             return;
         };
@@ -694,7 +789,8 @@ impl LookupTracker {
     /// open for it any more.
     pub fn late_arrival(&mut self, late: LateArrival) -> Option<LateArrival> {
         let (key, _) = self.key_for(late.pid, late.cgroup_id, None, &late.qname);
-        match self.by_key.get(&key).and_then(|id| self.open.get_mut(id)) {
+        let found = self.find_by_key(self.hasher.hash_one(&key), &key);
+        match found.and_then(|id| self.get_mut(id)) {
             Some(lookup) => {
                 lookup.late.push(late);
                 None
@@ -715,6 +811,11 @@ impl LookupTracker {
         let done: Vec<LookupId> = self
             .open
             .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| {
+                let id = (u64::from(s.generation) << 32) | slot as u64;
+                s.lookup.as_deref().map(|l| (id, l))
+            })
             .filter(|(_, l)| {
                 let quiet = now_ns.saturating_sub(l.last_activity_ns);
                 if quiet >= stale_ns.max(l.patience_ns().saturating_add(idle_ns)) {
@@ -731,16 +832,16 @@ impl LookupTracker {
                         >= l.patience_ns().saturating_add(idle_ns)
                     || !alive(l.key.pid)
             })
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         for id in done {
             self.close(id, out);
         }
         // Closed ids linger in the eviction order until they reach its front; drop them once
         // they outnumber the open lookups, so the order stays proportional to what is open.
-        if self.order.len() > 2 * self.open.len() + 1024 {
+        if self.order.len() > 2 * self.open_count + 1024 {
             let open = &self.open;
-            self.order.retain(|id| open.contains_key(id));
+            self.order.retain(|&id| open_lookup(open, id).is_some());
         }
     }
 
@@ -753,12 +854,9 @@ impl LookupTracker {
     }
 
     fn close(&mut self, id: LookupId, out: &mut Vec<LookupRecord>) {
-        let Some(lookup) = self.open.remove(&id) else {
+        let Some(lookup) = self.take(id) else {
             return;
         };
-        if self.by_key.get(&lookup.key) == Some(&id) {
-            self.by_key.remove(&lookup.key);
-        }
         if let Some(record) = self.finish(*lookup) {
             out.push(record);
         }
@@ -767,7 +865,7 @@ impl LookupTracker {
     /// Closes the oldest open lookup to make room.
     fn evict_oldest(&mut self, out: &mut Vec<LookupRecord>) {
         while let Some(id) = self.order.pop_front() {
-            if self.open.contains_key(&id) {
+            if open_lookup(&self.open, id).is_some() {
                 self.stats.evicted += 1;
                 // Reported early rather than lost: what it holds so far is still true.
                 self.close(id, out);
@@ -1382,7 +1480,7 @@ mod tests {
             attempts: 2,
         }));
         let first = queries.iter().map(|q| q.first_send_ns()).min().unwrap();
-        let mut l = OpenLookup::new(key, resolver, first, &sender());
+        let mut l = OpenLookup::new(key, 0, resolver, first, &sender());
         l.last_activity_ns = 0;
         let expected = settled(&queries);
         for q in queries {
@@ -1819,5 +1917,36 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].name, "n1.example.");
         assert_eq!(t.open_lookups(), 4);
+    }
+
+    #[test]
+    fn an_id_of_a_closed_lookup_never_names_the_next_in_its_slot() {
+        let mut t = tracker(1);
+        let mut out = Vec::new();
+        let old = t.query_started(0, &"old.example.".into(), 1, &sender(), &mut out);
+        // The cap of one evicts `old`; the new lookup takes its slot.
+        let new = t.query_started(MS, &"new.example.".into(), 1, &sender(), &mut out);
+        assert_ne!(old, new);
+        assert_ne!(old, 0);
+        assert_eq!(t.stats().evicted, 1);
+        t.query_finished(
+            with_lookup(
+                query("old.example.", 1, 1, &[0], Some(2 * MS), Some(0)),
+                old,
+            ),
+            2 * MS,
+        );
+        t.query_finished(
+            with_lookup(
+                query("new.example.", 1, 2, &[MS], Some(2 * MS), Some(0)),
+                new,
+            ),
+            2 * MS,
+        );
+        out.clear();
+        t.close_all(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].name, "new.example.");
+        assert_eq!(out[0].queries, 1, "the old lookup's query went elsewhere");
     }
 }

@@ -117,10 +117,14 @@ impl Pipeline {
     /// should not exist. No netfilter reason is known, so conntrack is never read. For the
     /// fuzz target and offline tests.
     pub fn offline(missing: &std::path::Path) -> Self {
+        Self::offline_capped(missing, 4096)
+    }
+
+    /// [`Self::offline`] with room for `max_inflight` pending queries and open lookups.
+    pub fn offline_capped(missing: &std::path::Path, max_inflight: usize) -> Self {
         use std::time::Duration;
         let timeout = Duration::from_secs(10);
         let timeout_ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        let max_inflight = 4096;
         let missing = missing.to_path_buf();
         Self {
             tracker: QueryTracker::new(timeout_ns, max_inflight),
