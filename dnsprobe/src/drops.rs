@@ -65,8 +65,13 @@ impl DropReasons {
 /// Kernel text symbols, to turn a drop location into `nf_hook_slow+0x4c`.
 #[derive(Debug, Default)]
 pub struct KernelSymbols {
-    /// Sorted by address.
-    symbols: Vec<(u64, String)>,
+    /// Start addresses, sorted.
+    addrs: Vec<u64>,
+    /// Where each symbol's name ends in `names`; it starts where the previous one ends.
+    name_ends: Vec<u32>,
+    /// Every name, one after the other. A kernel has over 100,000 text symbols: a `String`
+    /// each made them most of the daemon's heap when idle.
+    names: String,
 }
 
 impl KernelSymbols {
@@ -80,26 +85,42 @@ impl KernelSymbols {
     }
 
     pub fn parse(text: &str) -> Self {
-        let mut symbols: Vec<(u64, String)> = text
+        let mut symbols: Vec<(u64, &str)> = text
             .lines()
             .filter_map(|line| {
                 let mut parts = line.split_whitespace();
                 let addr = u64::from_str_radix(parts.next()?, 16).ok()?;
                 let kind = parts.next()?;
                 let name = parts.next()?;
-                (addr != 0 && matches!(kind, "t" | "T")).then(|| (addr, name.to_owned()))
+                (addr != 0 && matches!(kind, "t" | "T")).then_some((addr, name))
             })
             .collect();
         symbols.sort_unstable_by_key(|(addr, _)| *addr);
-        Self { symbols }
+        let mut table = Self {
+            addrs: Vec::with_capacity(symbols.len()),
+            name_ends: Vec::with_capacity(symbols.len()),
+            names: String::with_capacity(symbols.iter().map(|(_, n)| n.len()).sum()),
+        };
+        for (addr, name) in symbols {
+            let Ok(end) = u32::try_from(table.names.len() + name.len()) else {
+                // Gigabytes of names: not a real kernel. Later symbols stay unnamed.
+                break;
+            };
+            table.names.push_str(name);
+            table.addrs.push(addr);
+            table.name_ends.push(end);
+        }
+        table
     }
 
     pub fn symbolize(&self, addr: u64) -> String {
-        let idx = self.symbols.partition_point(|(a, _)| *a <= addr);
-        match idx.checked_sub(1).and_then(|i| self.symbols.get(i)) {
-            Some((start, name)) => format!("{name}+{:#x}", addr - start),
-            None => format!("{addr:#x}"),
-        }
+        let idx = self.addrs.partition_point(|a| *a <= addr);
+        let Some(i) = idx.checked_sub(1) else {
+            return format!("{addr:#x}");
+        };
+        let start = i.checked_sub(1).map_or(0, |p| self.name_ends[p] as usize);
+        let name = &self.names[start..self.name_ends[i] as usize];
+        format!("{name}+{:#x}", addr - self.addrs[i])
     }
 }
 
