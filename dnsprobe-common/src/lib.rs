@@ -8,6 +8,12 @@
 /// bytes; larger (EDNS) messages are copied up to this bound and flagged by `msg_len > cap_len`.
 pub const DNS_CAPTURE_LEN: usize = 512;
 
+/// Sizes of an event's message area, smallest first. The kernel reserves the smallest event
+/// that holds the bytes it copies: most DNS messages are a few dozen bytes, and a ring of
+/// 512-byte areas held a third as many of them. Powers of two: the kernel program bounds the
+/// copy length by masking; and multiples of 8, so no event has tail padding.
+pub const DNS_CAPTURE_CLASSES: [usize; 3] = [128, 256, DNS_CAPTURE_LEN];
+
 /// How many ports the kernel programs can watch at once (`--ports`).
 pub const MAX_PORTS: usize = 8;
 
@@ -134,10 +140,12 @@ impl PortConfig {
     }
 }
 
-/// One DNS packet seen by a cgroup_skb program.
+/// One DNS packet seen by a cgroup_skb program, with room for `N` bytes of its message: one of
+/// `DNS_CAPTURE_CLASSES`. Every size shares the layout up to `msg`; a ring-buffer record's
+/// length tells which it is.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct DnsEvent {
+pub struct DnsEventOf<const N: usize> {
     /// `bpf_ktime_get_ns()` when the packet passed the hook (CLOCK_MONOTONIC).
     pub ts_ns: u64,
     /// `bpf_get_socket_cookie()`: identifies the socket for the life of the kernel.
@@ -165,18 +173,34 @@ pub struct DnsEvent {
     pub cap_len: u32,
     /// `bpf_get_current_comm()` on egress, zeroed on ingress.
     pub comm: [u8; 16],
-    pub msg: [u8; DNS_CAPTURE_LEN],
+    pub msg: [u8; N],
 }
 
+/// An event of the largest size.
+pub type DnsEvent = DnsEventOf<DNS_CAPTURE_LEN>;
+
+/// Bytes of an event before its message area.
+pub const DNS_EVENT_HEADER_LEN: usize = 96;
+
 // No implicit padding: the layout above is the wire format between kernel and userspace.
-const _: () = assert!(core::mem::size_of::<DnsEvent>() == 96 + DNS_CAPTURE_LEN);
+const _: () = assert!(core::mem::size_of::<DnsEvent>() == DNS_EVENT_HEADER_LEN + DNS_CAPTURE_LEN);
+const _: () = assert!(core::mem::offset_of!(DnsEvent, msg) == DNS_EVENT_HEADER_LEN);
+const _: () = {
+    let mut i = 0;
+    while i < DNS_CAPTURE_CLASSES.len() {
+        assert!(DNS_CAPTURE_CLASSES[i].is_power_of_two() && DNS_CAPTURE_CLASSES[i] >= 8);
+        assert!(i == 0 || DNS_CAPTURE_CLASSES[i - 1] < DNS_CAPTURE_CLASSES[i]);
+        i += 1;
+    }
+    assert!(DNS_CAPTURE_CLASSES[DNS_CAPTURE_CLASSES.len() - 1] == DNS_CAPTURE_LEN);
+};
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: both types are `#[repr(C)]`, made only of integers and byte arrays, with explicit
     // padding fields, so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::PortConfig {}
-    unsafe impl aya::Pod for super::DnsEvent {}
+    unsafe impl<const N: usize> aya::Pod for super::DnsEventOf<N> {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}
 }

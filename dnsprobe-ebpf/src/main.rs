@@ -19,10 +19,10 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SkBuffContext},
 };
 use dnsprobe_common::{
-    DnsEvent, DropEvent, KernelOffsets, PortConfig, DIR_EGRESS, DIR_INGRESS, DNS_CAPTURE_LEN,
-    DROP_CAPTURE_LEN, FAMILY_IPV4, FAMILY_IPV6, OFFSET_UNKNOWN, PROTO_TCP, PROTO_UDP, STAT_COUNT,
-    STAT_DROPS, STAT_DROP_RINGBUF_FULL, STAT_EVENTS, STAT_LOST_EGRESS, STAT_LOST_INGRESS,
-    STAT_RINGBUF_FULL, STAT_UNPARSEABLE,
+    DnsEventOf, DropEvent, KernelOffsets, PortConfig, DIR_EGRESS, DIR_INGRESS, DNS_CAPTURE_CLASSES,
+    DNS_CAPTURE_LEN, DROP_CAPTURE_LEN, FAMILY_IPV4, FAMILY_IPV6, OFFSET_UNKNOWN, PROTO_TCP,
+    PROTO_UDP, STAT_COUNT, STAT_DROPS, STAT_DROP_RINGBUF_FULL, STAT_EVENTS, STAT_LOST_EGRESS,
+    STAT_LOST_INGRESS, STAT_RINGBUF_FULL, STAT_UNPARSEABLE,
 };
 
 /// Overwritten by userspace at load time (`--ports`); read-only to the programs.
@@ -31,7 +31,7 @@ static PORT_CONFIG: PortConfig = PortConfig::DEFAULT;
 
 /// Resized by userspace at load time (`--ring-buffer-size`).
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
@@ -297,15 +297,56 @@ fn emit(ctx: &SkBuffContext, direction: u8, l3: &L3, sport: u16, dport: u16) -> 
     if l3.proto == PROTO_TCP && msg_len == 0 {
         return Ok(());
     }
+    let packet = Captured {
+        direction,
+        l3,
+        sport,
+        dport,
+        payload_offset: payload_offset as u32,
+        msg_len,
+    };
+    // The smallest event that holds what is copied.
+    const SMALL: usize = DNS_CAPTURE_CLASSES[0];
+    const MEDIUM: usize = DNS_CAPTURE_CLASSES[1];
+    if msg_len <= SMALL as u32 {
+        emit_sized::<SMALL>(ctx, &packet);
+    } else if msg_len <= MEDIUM as u32 {
+        emit_sized::<MEDIUM>(ctx, &packet);
+    } else {
+        emit_sized::<DNS_CAPTURE_LEN>(ctx, &packet);
+    }
+    Ok(())
+}
 
-    let Some(mut entry) = EVENTS.reserve::<DnsEvent>(0) else {
+/// What `emit` found out about a DNS packet.
+struct Captured<'a> {
+    direction: u8,
+    l3: &'a L3,
+    sport: u16,
+    dport: u16,
+    payload_offset: u32,
+    msg_len: u32,
+}
+
+/// Hands a packet over in an event with room for `N` message bytes.
+#[inline(always)]
+fn emit_sized<const N: usize>(ctx: &SkBuffContext, packet: &Captured<'_>) {
+    let Captured {
+        direction,
+        l3,
+        sport,
+        dport,
+        payload_offset,
+        msg_len,
+    } = *packet;
+    let Some(mut entry) = EVENTS.reserve::<DnsEventOf<N>>(0) else {
         bump(STAT_RINGBUF_FULL);
         bump(if direction == DIR_EGRESS {
             STAT_LOST_EGRESS
         } else {
             STAT_LOST_INGRESS
         });
-        return Ok(());
+        return;
     };
     let event = entry.as_mut_ptr();
     let skb = ctx.skb.skb;
@@ -333,26 +374,30 @@ fn emit(ctx: &SkBuffContext, direction: u8, l3: &L3, sport: u16, dport: u16) -> 
             (*event).comm = [0u8; 16];
         }
         let mut cap = msg_len;
-        if cap > DNS_CAPTURE_LEN as u32 {
-            cap = DNS_CAPTURE_LEN as u32;
+        if cap > N as u32 {
+            cap = N as u32;
         }
         let mut copied = 0u32;
-        if cap > 0 && cap <= DNS_CAPTURE_LEN as u32 {
+        if cap > 0 {
+            // `cap` itself, N being a power of two; but written so that the verifier sees the
+            // helper's length within 1..=N whatever the compiler makes of the comparisons
+            // (it turns `cap > 0 && cap <= N` into one unsigned test on `cap - 1`, which the
+            // verifier cannot follow back to `cap`).
+            let len = ((cap - 1) & (N as u32 - 1)) + 1;
             let ret = bpf_skb_load_bytes(
                 skb as *const _,
-                payload_offset as u32,
+                payload_offset,
                 (*event).msg.as_mut_ptr() as *mut _,
-                cap,
+                len,
             );
             if ret == 0 {
-                copied = cap;
+                copied = len;
             }
         }
         (*event).cap_len = copied;
     }
     entry.submit(0);
     bump(STAT_EVENTS);
-    Ok(())
 }
 
 /// `trace_kfree_skb(skb, location, reason, rx_sk)`: every packet the kernel frees as dropped.

@@ -66,7 +66,7 @@ pub struct RunArgs {
     pub max_inflight: u32,
 
     /// Size of the kernel ring buffer in bytes (a power of two, multiple of the page size).
-    #[arg(long, value_name = "BYTES", default_value_t = 8 * 1024 * 1024, value_parser = parse_ring_size)]
+    #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
 
     /// The kubelet's pod log directory (`<namespace>_<pod>_<uid>/<container>/`): names pods.

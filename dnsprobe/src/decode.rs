@@ -10,8 +10,8 @@ use std::{
 };
 
 use dnsprobe_common::{
-    DnsEvent, DIR_EGRESS, DIR_INGRESS, DNS_CAPTURE_LEN, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP,
-    PROTO_UDP,
+    DnsEvent, DIR_EGRESS, DIR_INGRESS, DNS_CAPTURE_LEN, DNS_EVENT_HEADER_LEN, FAMILY_IPV4,
+    FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
 };
 use hickory_proto::{
     op::Message,
@@ -178,16 +178,17 @@ pub struct EventRecord<'a> {
     pub msg_len: u32,
     pub cap_len: u32,
     pub comm: [u8; 16],
-    /// The event's whole message area (`DNS_CAPTURE_LEN` bytes); `cap_len` of them are the
-    /// message.
+    /// The event's whole message area (one of `DNS_CAPTURE_CLASSES`, or what a shorter record
+    /// has); `cap_len` of them are the message.
     pub msg: &'a [u8],
 }
 
-/// Reads a `DnsEvent` out of a ring-buffer record (which has no alignment guarantee), field by
-/// field at the offsets of its `#[repr(C)]` layout.
+/// Reads a `DnsEventOf` of any size out of a ring-buffer record (which has no alignment
+/// guarantee), field by field at the offsets of its `#[repr(C)]` layout. The record's length
+/// gives the size of its message area.
 pub fn read_event(bytes: &[u8]) -> Result<EventRecord<'_>, DecodeError> {
     use std::mem::offset_of;
-    if bytes.len() < size_of::<DnsEvent>() {
+    if bytes.len() < DNS_EVENT_HEADER_LEN {
         return Err(DecodeError::ShortRecord(bytes.len()));
     }
     fn field<const N: usize>(bytes: &[u8], at: usize) -> Result<[u8; N], DecodeError> {
@@ -217,7 +218,7 @@ pub fn read_event(bytes: &[u8]) -> Result<EventRecord<'_>, DecodeError> {
         cap_len: u32_at(offset_of!(DnsEvent, cap_len))?,
         comm: field(bytes, offset_of!(DnsEvent, comm))?,
         msg: bytes
-            .get(msg_at..msg_at + DNS_CAPTURE_LEN)
+            .get(msg_at..bytes.len().min(msg_at + DNS_CAPTURE_LEN))
             .ok_or(DecodeError::ShortRecord(bytes.len()))?,
     })
 }
@@ -241,11 +242,10 @@ pub fn decode_event(event: &EventRecord<'_>) -> Result<Packet, DecodeError> {
         PROTO_UDP => Transport::Udp,
         other => return Err(DecodeError::BadProtocol(other)),
     };
-    let cap = event.cap_len as usize;
-    if cap > DNS_CAPTURE_LEN {
-        return Err(DecodeError::BadCaptureLength(event.cap_len));
-    }
-    let captured = &event.msg[..cap];
+    let captured = event
+        .msg
+        .get(..event.cap_len as usize)
+        .ok_or(DecodeError::BadCaptureLength(event.cap_len))?;
     let message = match transport {
         Transport::Udp => decode_message(captured, event.msg_len > event.cap_len)?,
         Transport::Tcp => decode_tcp_segment(captured)?,
@@ -942,6 +942,34 @@ mod tests {
             decode_event(&read_event(event_bytes(&ev)).unwrap()).unwrap_err(),
             DecodeError::BadCaptureLength(9999)
         );
+    }
+
+    #[test]
+    fn every_event_size_decodes_and_none_is_read_past_its_end() {
+        let mut ev: DnsEvent = unsafe { std::mem::zeroed() };
+        ev.family = FAMILY_IPV4;
+        ev.direction = DIR_EGRESS;
+        ev.l4_proto = PROTO_UDP;
+        ev.msg[..QUERY_A.len()].copy_from_slice(QUERY_A);
+        ev.cap_len = QUERY_A.len() as u32;
+        ev.msg_len = QUERY_A.len() as u32;
+        for area in dnsprobe_common::DNS_CAPTURE_CLASSES {
+            // A record of the smaller size is the larger one's prefix.
+            let record = &event_bytes(&ev)[..DNS_EVENT_HEADER_LEN + area];
+            let event = read_event(record).unwrap();
+            assert_eq!(event.msg.len(), area);
+            assert_eq!(decode_event(&event).unwrap().message.id, 0x1234);
+        }
+        // A message area shorter than the length claimed is an error, not a read beyond.
+        let record = &event_bytes(&ev)[..DNS_EVENT_HEADER_LEN + QUERY_A.len() - 1];
+        assert_eq!(
+            decode_event(&read_event(record).unwrap()).unwrap_err(),
+            DecodeError::BadCaptureLength(QUERY_A.len() as u32)
+        );
+        assert!(matches!(
+            read_event(&record[..DNS_EVENT_HEADER_LEN - 1]),
+            Err(DecodeError::ShortRecord(_))
+        ));
     }
 
     fn event_bytes(ev: &DnsEvent) -> &[u8] {

@@ -410,9 +410,6 @@ struct OpenLookup {
     )]
     queries: Vec<Box<FinishedQuery>>,
     late: Vec<LateArrival>,
-    comm: Option<Arc<str>>,
-    cgroup_path: Option<Arc<str>>,
-    workload: Option<std::sync::Arc<crate::attribute::Workload>>,
 }
 
 /// One question of a lookup (name and type) and its latest answer.
@@ -432,7 +429,6 @@ impl OpenLookup {
         key_hash: u64,
         resolver: Option<Arc<ResolverConfig>>,
         ts_ns: u64,
-        sender: &crate::correlate::Sender,
     ) -> Self {
         Self {
             key,
@@ -447,9 +443,6 @@ impl OpenLookup {
             // flood of unanswered names) then costs no query list at all.
             queries: Vec::new(),
             late: Vec::new(),
-            comm: sender.comm.clone(),
-            cgroup_path: sender.cgroup_path.clone(),
-            workload: sender.workload.clone(),
         }
     }
 
@@ -765,7 +758,7 @@ impl LookupTracker {
         if self.open_count >= self.max_open {
             self.evict_oldest(out);
         }
-        let mut lookup = Box::new(OpenLookup::new(key, key_hash, resolver, ts_ns, sender));
+        let mut lookup = Box::new(OpenLookup::new(key, key_hash, resolver, ts_ns));
         lookup.pending = 1;
         let id = self.insert(lookup);
         self.order.push_back(id);
@@ -990,6 +983,7 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
         None => None,
     };
     let diagnosis = diagnose(&lookup, &expansions, &own, cfg);
+    let sender = queries.first().map(|q| &q.sender);
     LookupRecord {
         event: "lookup",
         time_ns: lookup.first_send_ns,
@@ -1000,10 +994,12 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
         final_rcode: final_rcode.map(rcode_name),
         answers,
         pid: lookup.key.pid,
-        comm: lookup.comm.clone(),
+        // The first query's, as its process and cgroup are the lookup's (the key): not kept in
+        // the open lookup, which can be the only state of an unanswered query.
+        comm: sender.and_then(|s| s.comm.clone()),
         cgroup_id: lookup.key.cgroup_id,
-        cgroup_path: lookup.cgroup_path.clone(),
-        workload: lookup.workload.clone(),
+        cgroup_path: sender.and_then(|s| s.cgroup_path.clone()),
+        workload: sender.and_then(|s| s.workload.clone()),
         resolver: lookup.resolver.clone(),
         diagnosis,
     }
@@ -1480,7 +1476,7 @@ mod tests {
             attempts: 2,
         }));
         let first = queries.iter().map(|q| q.first_send_ns()).min().unwrap();
-        let mut l = OpenLookup::new(key, 0, resolver, first, &sender());
+        let mut l = OpenLookup::new(key, 0, resolver, first);
         l.last_activity_ns = 0;
         let expected = settled(&queries);
         for q in queries {

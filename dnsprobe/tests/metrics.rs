@@ -476,7 +476,7 @@ fn scrape_counts_exactly_this_worlds_queries() {
         "sum {got} != {sum} of the records"
     );
 
-    // The internal counters: nothing was lost (not even by parallel tests: 8 MiB rings).
+    // The internal counters: nothing was lost (not even by parallel tests: 4 MiB rings).
     for ring in ["dns", "drops"] {
         assert_eq!(
             counter(
