@@ -13,8 +13,8 @@ use std::{
 
 use support::{
     musl_gai, parse_rfc3339_ns, skip_unless_root, ClientRun, Daemon, Family, QueryRecord, Resolver,
-    Script, ScriptedServer, World, WorldConfig, MULTI, MULTI_V4, QUERY_TIMEOUT, RECORD_TIMEOUT,
-    WWW, WWW_V4, WWW_V6,
+    Script, ScriptedServer, World, WorldConfig, BIG_V4, LARGE, MID, MULTI, MULTI_V4, QUERY_TIMEOUT,
+    RECORD_TIMEOUT, WWW, WWW_V4, WWW_V6,
 };
 
 /// What one answered query record must say beyond what every record of a client says.
@@ -238,6 +238,53 @@ fn dig_name_with_several_a_records_lists_all_answers() {
     };
     check_answered(&world, &records[0], &run, Family::V4, &expect);
     assert_dig_comm(&records[0]);
+}
+
+/// The kernel hands a packet over in the smallest of three event sizes that holds it (128,
+/// 256 or 512 message bytes): answers of about 100, 210 and 450 bytes take one each, and each
+/// arrives whole, with every address.
+#[test]
+fn answers_of_every_event_size_arrive_whole() {
+    if skip_unless_root("answers_of_every_event_size_arrive_whole") {
+        return;
+    }
+    let world = World::new(WorldConfig::default());
+    let daemon = Daemon::start();
+    // Name, addresses, and the event size its answer must take.
+    let cases: [(&str, &[&str], std::ops::RangeInclusive<usize>); 3] = [
+        (MULTI, &MULTI_V4, 1..=128),
+        (MID, &BIG_V4[..10], 129..=256),
+        (LARGE, &BIG_V4[..25], 257..=512),
+    ];
+    let mut runs = Vec::new();
+    for (name, _, size) in &cases {
+        let run = world.dig(Family::V4, name, "A", 2);
+        run.assert_success();
+        let rcvd: usize = run
+            .stdout
+            .lines()
+            .find_map(|l| l.split("MSG SIZE  rcvd:").nth(1))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no answer size in dig's output: {run:?}"));
+        assert!(
+            size.contains(&rcvd),
+            "{name}: {rcvd}-byte answer, not in {size:?}"
+        );
+        runs.push(run);
+    }
+    let records = world.settle(&daemon);
+    assert_exact(&records, cases.len(), "one A query per name");
+    for ((name, answers, _), run) in cases.iter().zip(&runs) {
+        let r = records_of(&records, run);
+        assert_eq!(r.len(), 1, "{name}: {records:?}");
+        let expect = Expect {
+            qname: name,
+            qtype: "A",
+            rcode: "NOERROR",
+            answers,
+        };
+        check_answered(&world, r[0], run, Family::V4, &expect);
+    }
 }
 
 #[test]

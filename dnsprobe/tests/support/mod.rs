@@ -59,6 +59,10 @@ pub const WWW_V4: &str = "10.1.2.3";
 pub const WWW_V6: &str = "fd00::3";
 pub const MULTI: &str = "multi.test.internal.";
 pub const MULTI_V4: [&str; 3] = ["10.1.2.4", "10.1.2.5", "10.1.2.6"];
+/// Names with the first 10 and the first 25 of [`BIG_V4`]: answers of about 210 and 450
+/// bytes, which the kernel hands over in its middle and its largest event size.
+pub const MID: &str = "mid.test.internal.";
+pub const LARGE: &str = "large.test.internal.";
 /// A name with so many A records (40) that its answer does not fit the 512 bytes of a UDP
 /// answer to a client without EDNS: unbound answers such a client with the TC bit.
 pub const BIG: &str = "big.test.internal.";
@@ -463,9 +467,13 @@ impl Unbound {
         for ip in spec.listen {
             text.push_str(&format!("    interface: {ip}\n"));
         }
-        let big: String = BIG_V4
+        let big: String = [(BIG, 40), (MID, 10), (LARGE, 25)]
             .iter()
-            .map(|a| format!("    local-data: \"{BIG} 60 IN A {a}\"\n"))
+            .flat_map(|&(name, n)| {
+                BIG_V4[..n]
+                    .iter()
+                    .map(move |a| format!("    local-data: \"{name} 60 IN A {a}\"\n"))
+            })
             .collect();
         text.push_str(&format!(
             r#"    port: 53
