@@ -562,8 +562,8 @@ mod tests {
         Sender {
             pid: p.pid,
             tid: p.tid,
-            comm: p.comm.as_deref().map(Arc::from),
-            thread_comm: p.comm.as_deref().map(Arc::from),
+            comm: p.comm.map(|c| Arc::from(c.text())),
+            thread_comm: p.comm.map(|c| Arc::from(c.text())),
             cgroup_id: p.cgroup_id,
             cgroup_path: Some("/test".into()),
             workload: None,

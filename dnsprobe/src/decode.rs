@@ -151,7 +151,7 @@ pub struct Packet {
     /// Thread group id (the process id) of the sender, for egress packets.
     pub pid: Option<u32>,
     pub tid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<Comm>,
     pub direction: Direction,
     pub transport: Transport,
     pub src: SocketAddr,
@@ -254,7 +254,7 @@ pub fn decode_event(event: &EventRecord<'_>) -> Result<Packet, DecodeError> {
         (
             Some((event.pid_tgid >> 32) as u32),
             Some(event.pid_tgid as u32),
-            comm_string(&event.comm),
+            Comm::from_kernel(&event.comm),
         )
     } else {
         (None, None, None)
@@ -278,12 +278,47 @@ fn ipv4(addr: &[u8; 16]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
 }
 
-fn comm_string(comm: &[u8; 16]) -> Option<String> {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    if end == 0 {
-        return None;
+/// The sending thread's name as the kernel gave it, kept inline: every query has one, and most
+/// never need it as a string (a thread's next query reuses its attribution).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Comm {
+    bytes: [u8; 16],
+    len: u8,
+}
+
+impl Comm {
+    /// `None` for an empty name.
+    pub fn from_kernel(raw: &[u8; 16]) -> Option<Self> {
+        let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        (len > 0).then_some(Self {
+            bytes: *raw,
+            len: len as u8,
+        })
     }
-    Some(String::from_utf8_lossy(&comm[..end]).into_owned())
+
+    /// As text. Bytes that are not UTF-8 are replaced (U+FFFD); only then does this allocate.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.bytes[..usize::from(self.len)])
+    }
+}
+
+impl From<&str> for Comm {
+    /// Cut to the kernel's 16 bytes, as the kernel does.
+    fn from(text: &str) -> Self {
+        let mut raw = [0u8; 16];
+        let len = text.len().min(raw.len());
+        raw[..len].copy_from_slice(&text.as_bytes()[..len]);
+        Self {
+            bytes: raw,
+            len: len as u8,
+        }
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.text(), f)
+    }
 }
 
 /// DNS over TCP prefixes each message with its 16-bit length (RFC 1035 4.2.2). Only segments
@@ -928,7 +963,10 @@ mod tests {
         assert_eq!(p.dst.to_string(), "[::2]:53");
         assert_eq!(p.pid, Some(1234));
         assert_eq!(p.tid, Some(1240));
-        assert_eq!(p.comm.as_deref(), Some("dig"));
+        assert_eq!(
+            p.comm.map(|c| c.text().into_owned()).as_deref(),
+            Some("dig")
+        );
         assert_eq!(p.message.id, 0x1234);
     }
 
@@ -969,6 +1007,20 @@ mod tests {
         assert!(matches!(
             read_event(&record[..DNS_EVENT_HEADER_LEN - 1]),
             Err(DecodeError::ShortRecord(_))
+        ));
+    }
+
+    #[test]
+    fn thread_names_as_the_kernel_gives_them() {
+        assert_eq!(Comm::from_kernel(&[0; 16]), None);
+        let full = *b"sixteen-byte-nam";
+        assert_eq!(Comm::from_kernel(&full).unwrap().text(), "sixteen-byte-nam");
+        let mut odd = [0u8; 16];
+        odd[..4].copy_from_slice(b"a\xffb\0");
+        assert_eq!(Comm::from_kernel(&odd).unwrap().text(), "a\u{fffd}b");
+        assert!(matches!(
+            Comm::from("dig").text(),
+            std::borrow::Cow::Borrowed("dig")
         ));
     }
 

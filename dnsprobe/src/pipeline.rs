@@ -192,13 +192,14 @@ impl Pipeline {
         let last_sender = &mut self.last_sender;
         let observed = self.tracker.observe(packet, |p| {
             let now = crate::coarse::now();
+            let thread = p.comm.as_ref().map(|c| c.text());
             let mut sender = match last_sender {
                 Some((at, last))
                     if *at == now
                         && last.pid == p.pid
                         && last.tid == p.tid
                         && last.cgroup_id == p.cgroup_id
-                        && last.thread_comm.as_deref() == p.comm.as_deref() =>
+                        && last.thread_comm.as_deref() == thread.as_deref() =>
                 {
                     last.clone()
                 }
@@ -208,14 +209,14 @@ impl Pipeline {
                     // best.
                     let comm = p
                         .pid
-                        .and_then(|pid| names.resolve(pid, p.comm.as_deref()))
-                        .or_else(|| p.comm.as_deref().map(Arc::from));
+                        .and_then(|pid| names.resolve(pid, thread.as_deref()))
+                        .or_else(|| thread.as_deref().map(Arc::from));
                     let workload = attributor.workload(p.cgroup_id, cgroup_path.as_deref());
                     let sender = Sender {
                         pid: p.pid,
                         tid: p.tid,
                         comm: comm.clone(),
-                        thread_comm: match (&comm, &p.comm) {
+                        thread_comm: match (&comm, &thread) {
                             // Most programs send from their main thread: share the one string.
                             (Some(name), Some(thread)) if **name == **thread => Some(name.clone()),
                             (_, thread) => thread.as_deref().map(Arc::from),
