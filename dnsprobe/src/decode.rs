@@ -396,7 +396,7 @@ pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError
         let end = read_name_into(bytes, 12, scratch)?;
         let text = std::str::from_utf8(scratch)
             .map_err(|_| DecodeError::BadQuestion("name is not text"))?;
-        Ok::<_, DecodeError>((crate::qname::QName::new(text), end))
+        Ok::<_, DecodeError>((crate::qname::QName::recent(text), end))
     })?;
     let qtype_bytes = bytes.get(end..end + 4).ok_or(DecodeError::BadQuestion(
         "question ends before its type and class",

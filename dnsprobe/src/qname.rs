@@ -29,6 +29,36 @@ impl QName {
             hash: caseless_hash(text.as_bytes()),
         }
     }
+
+    /// Like [`Self::new`], but a name spelled exactly as one decoded lately (in this thread)
+    /// shares its text instead of allocating it again: a response, a resend and a busy
+    /// client's next queries carry the name of a query just seen.
+    pub fn recent(text: &str) -> Self {
+        let hash = caseless_hash(text.as_bytes());
+        RECENT_NAMES.with_borrow_mut(|slots| {
+            let slot = &mut slots[(hash % RECENT_NAME_SLOTS as u64) as usize];
+            match slot {
+                // The case too: a name is shown as it was sent.
+                Some(name) if name.hash == hash && *name.text == *text => name.clone(),
+                _ => {
+                    let name = Self {
+                        text: text.into(),
+                        hash,
+                    };
+                    *slot = Some(name.clone());
+                    name
+                }
+            }
+        })
+    }
+}
+
+const RECENT_NAME_SLOTS: usize = 256;
+
+thread_local! {
+    /// The last name decoded of each hash bucket. Direct-mapped, so a lookup is one compare.
+    static RECENT_NAMES: std::cell::RefCell<[Option<QName>; RECENT_NAME_SLOTS]> =
+        const { std::cell::RefCell::new([const { None }; RECENT_NAME_SLOTS]) };
 }
 
 impl From<&str> for QName {
@@ -149,6 +179,18 @@ mod tests {
         assert_eq!(&*a, "WWW.Example.COM.", "the text keeps its case");
         assert_ne!(a, QName::new("www.example.org."));
         assert_ne!(hash_of(&a), hash_of(&QName::new("www.example.org.")));
+    }
+
+    #[test]
+    fn recent_names_share_their_text_only_when_spelled_the_same() {
+        let a = QName::recent("www.example.com.");
+        let b = QName::recent("www.example.com.");
+        assert_eq!(a.as_ptr(), b.as_ptr(), "the same spelling is shared");
+        let upper = QName::recent("WWW.example.com.");
+        assert_eq!(upper, a, "equal without case");
+        assert_eq!(&*upper, "WWW.example.com.", "but shown as sent");
+        assert_ne!(upper.as_ptr(), a.as_ptr());
+        assert_eq!(&*QName::recent("www.example.com."), "www.example.com.");
     }
 
     #[test]
