@@ -2,7 +2,8 @@
 """Writes the seed corpus of the `pipeline` fuzz target to fuzz/corpus/pipeline/.
 
 Each seed is fuzz input as `dnsprobe::pipeline::fuzz_records` reads it: a sequence of
-`[kind u8][len u16 LE][len bytes]`, kind 0 = packet-ring record (`DnsEvent`), 1 = drop-ring
+`[kind u8][len u16 LE][len bytes]`, kind 0 = packet-ring record (`DnsEventOf<N>`, its message
+area N the smallest of 128, 256 and 512 bytes that holds the message, as the kernel picks it), 1 = drop-ring
 record (`DropEvent`), 2 = timer tick (u64 LE monotonic ns), 3 = prune. The records are laid out
 as dnsprobe-common's `#[repr(C)]` structs on x86_64 (little endian).
 
@@ -16,6 +17,8 @@ import struct
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "pipeline")
 
 DNS_CAPTURE_LEN = 512
+DNS_CAPTURE_CLASSES = (128, 256, DNS_CAPTURE_LEN)
+DNS_EVENT_HEADER_LEN = 96
 DROP_CAPTURE_LEN = 128
 EGRESS, INGRESS = 0, 1
 IPV4, IPV6 = 2, 10
@@ -31,7 +34,7 @@ T0 = 1_000_000_000
 
 def dns_event(msg, *, ts=T0, cookie=7, cgroup=1234, pid=4242, tid=4243, direction=EGRESS,
               family=IPV4, proto=UDP, sport=40000, dport=53, comm=b"dig", msg_len=None,
-              cap_len=None, saddr=None, daddr=None):
+              cap_len=None, saddr=None, daddr=None, area=None):
     if direction == INGRESS:
         saddr = saddr or (SERVER6 if family == IPV6 else SERVER)
         daddr = daddr or (CLIENT6 if family == IPV6 else CLIENT)
@@ -41,17 +44,18 @@ def dns_event(msg, *, ts=T0, cookie=7, cgroup=1234, pid=4242, tid=4243, directio
         saddr = saddr or (CLIENT6 if family == IPV6 else CLIENT)
         daddr = daddr or (SERVER6 if family == IPV6 else SERVER)
         pid_tgid = (pid << 32) | tid
-    captured = msg[:DNS_CAPTURE_LEN]
     if msg_len is None:
         msg_len = len(msg)
+    if area is None:
+        area = next((c for c in DNS_CAPTURE_CLASSES if msg_len <= c), DNS_CAPTURE_LEN)
+    captured = msg[:area]
     if cap_len is None:
         cap_len = len(captured)
     head = struct.pack("<QQQQ16s16sHHBBBBII16s", ts, cookie, cgroup, pid_tgid, saddr, daddr,
                        sport, dport, family, direction, proto, 0, msg_len, cap_len,
                        comm[:16].ljust(16, b"\0"))
-    event = head + captured.ljust(DNS_CAPTURE_LEN, b"\0")
-    assert len(event) == 608
-    return event
+    assert len(head) == DNS_EVENT_HEADER_LEN
+    return head + captured.ljust(area, b"\0")
 
 
 def drop_event(payload, *, ts=T0, location=0xFFFFFFFF81000010, netns=4026531840, reason=3,
@@ -183,7 +187,12 @@ seeds["tcp_64k_response"] = (frame(PACKET, dns_event(tcp(QUERY), proto=TCP))
 seeds["bad_direction_family_proto"] = (frame(PACKET, dns_event(QUERY, direction=7))
                                        + frame(PACKET, dns_event(QUERY, family=99))
                                        + frame(PACKET, dns_event(QUERY, proto=1)))
-seeds["short_records"] = (frame(PACKET, dns_event(QUERY)[:100]) + frame(DROP, b"\x01" * 50)
+seeds["short_records"] = (frame(PACKET, dns_event(QUERY)[:100])
+                          + frame(PACKET, dns_event(QUERY)[:DNS_EVENT_HEADER_LEN - 1])
+                          # A cap_len beyond the record's message area.
+                          + frame(PACKET, dns_event(RESPONSE, direction=INGRESS, area=128,
+                                                    cap_len=256))
+                          + frame(DROP, b"\x01" * 50)
                           + frame(PACKET, b"") + frame(DROP, b""))
 seeds["ticks_backwards"] = (exchange(QUERY, RESPONSE) + tick(2**64 - 1) + tick(0)
                             + frame(PACKET, dns_event(QUERY, ts=2**64 - 1)) + tick(5))
@@ -193,7 +202,9 @@ seeds["same_id_many_sockets"] = b"".join(
 
 os.makedirs(OUT, exist_ok=True)
 for old in os.listdir(OUT):
-    os.remove(os.path.join(OUT, old))
+    # `regress-*` are inputs fuzzing found, kept as they were found.
+    if not old.startswith("regress-"):
+        os.remove(os.path.join(OUT, old))
 for label, data in sorted(seeds.items()):
     with open(os.path.join(OUT, label), "wb") as f:
         f.write(data)

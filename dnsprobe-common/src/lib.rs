@@ -169,7 +169,7 @@ pub struct DnsEventOf<const N: usize> {
     pub _pad0: u8,
     /// Length of the DNS message as carried by the packet (UDP payload length).
     pub msg_len: u32,
-    /// Bytes of it copied into `msg` (at most `DNS_CAPTURE_LEN`).
+    /// Bytes of it copied into `msg` (at most `N`).
     pub cap_len: u32,
     /// `bpf_get_current_comm()` on egress, zeroed on ingress.
     pub comm: [u8; 16],

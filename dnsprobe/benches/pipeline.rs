@@ -226,7 +226,8 @@ fn heap_per_pending_query(missing: &std::path::Path, queries: usize, cap: usize)
         }
         pipeline.flush();
     }
-    let held = LIVE_BYTES.load(Ordering::Relaxed) - before;
+    // Signed: what was allocated before and freed since counts against it.
+    let held = LIVE_BYTES.load(Ordering::Relaxed) as i64 - before as i64;
     let pending = pipeline.tracker.in_flight();
     assert_eq!(pending, cap.min(queries), "the cap did not hold");
     println!(

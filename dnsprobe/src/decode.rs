@@ -159,9 +159,8 @@ pub struct Packet {
     pub message: DnsMessage,
 }
 
-/// A `DnsEvent` as it lies in a ring-buffer record: its fixed fields copied out, its message
-/// area borrowed. Copying the whole event touched all of its 512-byte message area, most of
-/// which the kernel never wrote (a query is a few dozen bytes): memory traffic for nothing.
+/// A `DnsEventOf` as it lies in a ring-buffer record: its fixed fields copied out, its message
+/// area borrowed, so that only the bytes the kernel wrote are read.
 #[derive(Debug, Clone)]
 pub struct EventRecord<'a> {
     pub ts_ns: u64,

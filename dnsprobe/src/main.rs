@@ -35,10 +35,12 @@ const DRAIN_BATCH: usize = 4096;
 /// Every wake-up costs two context switches, an epoll round and a flush (a write); at a
 /// thousand queries a second that cost exceeded the work on the queries themselves (5 ms here
 /// cost 9 µs of CPU per query at 1,000 queries/s, 20 ms 6 µs). Timestamps come from the
-/// kernel, so delaying the reading changes no measurement, only when records are written; at
-/// 200,000 events/s this much fills about 2.5 MiB of the default 8 MiB ring, which overflows
-/// within one pause only above about 680,000 events/s: more than the daemon keeps up with
-/// anyway (a smaller `--ring-size` lowers that).
+/// kernel, so delaying the reading changes no measurement, only when records are written. At
+/// 200,000 events/s this much fills about 0.9 MiB of the default 4 MiB ring with queries and
+/// short answers (232-byte records), which overflows within one pause only above about
+/// 900,000 such events/s; with answers over 256 bytes only (616-byte records), above about
+/// 340,000: more than the daemon keeps up with anyway (a smaller `--ring-buffer-size` lowers
+/// both).
 const RING_COALESCE: Duration = Duration::from_millis(20);
 /// How often pending queries are checked for timeouts and output is flushed.
 const TICK: Duration = Duration::from_millis(100);

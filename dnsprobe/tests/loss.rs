@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use support::{skip_unless_root, Daemon, World, WorldConfig};
 
-/// Queries in the burst: far more than a one-page ring buffer (six events) can hold while the
-/// daemon drains it.
+/// Queries in the burst: far more than a one-page ring buffer (17 events of queries and short
+/// answers) can hold while the daemon drains it.
 const QUERIES: u64 = 3000;
 
 /// The value of `key=` in the last line of `text` that contains `marker`.
