@@ -559,12 +559,28 @@ struct LookupSlot {
     lookup: Option<Box<OpenLookup>>,
 }
 
+fn lookup_id(slot: u32, generation: u32) -> LookupId {
+    (u64::from(generation) << 32) | u64::from(slot)
+}
+
+/// The slot and the generation an id names.
+fn split_lookup_id(id: LookupId) -> (u32, u32) {
+    (id as u32, (id >> 32) as u32)
+}
+
+/// The slot `id` names, if it still holds that generation.
+fn id_slot_mut(open: &mut [LookupSlot], id: LookupId) -> Option<&mut LookupSlot> {
+    let (slot, generation) = split_lookup_id(id);
+    open.get_mut(slot as usize)
+        .filter(|s| s.generation == generation)
+}
+
 /// The open lookup `id` names, if it is still open.
 fn open_lookup(open: &[LookupSlot], id: LookupId) -> Option<&OpenLookup> {
-    let slot = open.get((id & u64::from(u32::MAX)) as usize)?;
-    if u64::from(slot.generation) != id >> 32 {
-        return None;
-    }
+    let (slot, generation) = split_lookup_id(id);
+    let slot = open
+        .get(slot as usize)
+        .filter(|s| s.generation == generation)?;
     slot.lookup.as_deref()
 }
 
@@ -627,11 +643,7 @@ impl LookupTracker {
     }
 
     fn get_mut(&mut self, id: LookupId) -> Option<&mut OpenLookup> {
-        let slot = self.open.get_mut((id & u64::from(u32::MAX)) as usize)?;
-        if u64::from(slot.generation) != id >> 32 {
-            return None;
-        }
-        slot.lookup.as_deref_mut()
+        id_slot_mut(&mut self.open, id)?.lookup.as_deref_mut()
     }
 
     /// The open lookup of `key` (hashed to `hash`) that new queries join.
@@ -666,7 +678,7 @@ impl LookupTracker {
         let entry = &mut self.open[slot as usize];
         entry.lookup = Some(lookup);
         self.open_count += 1;
-        let id = (u64::from(entry.generation) << 32) | u64::from(slot);
+        let id = lookup_id(slot, entry.generation);
         let open = &self.open;
         self.by_key.insert_unique(key_hash, id, |&i| {
             open_lookup(open, i).map_or(0, |l| l.key_hash)
@@ -676,14 +688,11 @@ impl LookupTracker {
 
     /// Takes an open lookup out of its slot and the key index.
     fn take(&mut self, id: LookupId) -> Option<Box<OpenLookup>> {
-        let slot = self.open.get_mut((id & u64::from(u32::MAX)) as usize)?;
-        if u64::from(slot.generation) != id >> 32 {
-            return None;
-        }
+        let slot = id_slot_mut(&mut self.open, id)?;
         let lookup = slot.lookup.take()?;
         // Never 0: 0 is no id.
         slot.generation = slot.generation.checked_add(1).unwrap_or(1);
-        self.free.push((id & u64::from(u32::MAX)) as u32);
+        self.free.push(split_lookup_id(id).0);
         self.open_count -= 1;
         self.unindex(lookup.key_hash, id);
         Some(lookup)
@@ -806,7 +815,7 @@ impl LookupTracker {
             .iter()
             .enumerate()
             .filter_map(|(slot, s)| {
-                let id = (u64::from(s.generation) << 32) | slot as u64;
+                let id = lookup_id(slot as u32, s.generation);
                 s.lookup.as_deref().map(|l| (id, l))
             })
             .filter(|(_, l)| {
