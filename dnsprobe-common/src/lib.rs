@@ -140,12 +140,10 @@ impl PortConfig {
     }
 }
 
-/// One DNS packet seen by a cgroup_skb program, with room for `N` bytes of its message: one of
-/// `DNS_CAPTURE_CLASSES`. Every size shares the layout up to `msg`; a ring-buffer record's
-/// length tells which it is.
+/// What the kernel tells of one DNS packet besides its message: the head of every event.
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct DnsEventOf<const N: usize> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsEventHeader {
     /// `bpf_ktime_get_ns()` when the packet passed the hook (CLOCK_MONOTONIC).
     pub ts_ns: u64,
     /// `bpf_get_socket_cookie()`: identifies the socket for the life of the kernel.
@@ -169,10 +167,18 @@ pub struct DnsEventOf<const N: usize> {
     pub _pad0: u8,
     /// Length of the DNS message as carried by the packet (UDP payload length).
     pub msg_len: u32,
-    /// Bytes of it copied into `msg` (at most `N`).
+    /// Bytes of it copied into the event's `msg` (at most its size).
     pub cap_len: u32,
     /// `bpf_get_current_comm()` on egress, zeroed on ingress.
     pub comm: [u8; 16],
+}
+
+/// One DNS packet seen by a cgroup_skb program, with room for `N` bytes of its message: one of
+/// `DNS_CAPTURE_CLASSES`. A ring-buffer record's length tells which.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsEventOf<const N: usize> {
+    pub header: DnsEventHeader,
     pub msg: [u8; N],
 }
 
@@ -180,11 +186,11 @@ pub struct DnsEventOf<const N: usize> {
 pub type DnsEvent = DnsEventOf<DNS_CAPTURE_LEN>;
 
 /// Bytes of an event before its message area.
-pub const DNS_EVENT_HEADER_LEN: usize = 96;
+pub const DNS_EVENT_HEADER_LEN: usize = core::mem::size_of::<DnsEventHeader>();
 
 // No implicit padding: the layout above is the wire format between kernel and userspace.
+const _: () = assert!(DNS_EVENT_HEADER_LEN == 96);
 const _: () = assert!(core::mem::size_of::<DnsEvent>() == DNS_EVENT_HEADER_LEN + DNS_CAPTURE_LEN);
-const _: () = assert!(core::mem::offset_of!(DnsEvent, msg) == DNS_EVENT_HEADER_LEN);
 const _: () = {
     let mut i = 0;
     while i < DNS_CAPTURE_CLASSES.len() {
@@ -200,6 +206,7 @@ mod user {
     // SAFETY: both types are `#[repr(C)]`, made only of integers and byte arrays, with explicit
     // padding fields, so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::PortConfig {}
+    unsafe impl aya::Pod for super::DnsEventHeader {}
     unsafe impl<const N: usize> aya::Pod for super::DnsEventOf<N> {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}

@@ -353,25 +353,25 @@ fn emit_sized<const N: usize>(ctx: &SkBuffContext, packet: &Captured<'_>) {
     // SAFETY: `event` points at a reserved, exclusively owned ring-buffer slot of the right
     // size; every field is written before submit.
     unsafe {
-        (*event).ts_ns = bpf_ktime_get_ns();
-        (*event).socket_cookie = bpf_get_socket_cookie(skb as *mut _);
-        (*event).cgroup_id = bpf_skb_cgroup_id(skb);
-        (*event).saddr = l3.saddr;
-        (*event).daddr = l3.daddr;
-        (*event).sport = sport;
-        (*event).dport = dport;
-        (*event).family = l3.family;
-        (*event).direction = direction;
-        (*event).l4_proto = l3.proto;
-        (*event)._pad0 = 0;
-        (*event).msg_len = msg_len;
+        (*event).header.ts_ns = bpf_ktime_get_ns();
+        (*event).header.socket_cookie = bpf_get_socket_cookie(skb as *mut _);
+        (*event).header.cgroup_id = bpf_skb_cgroup_id(skb);
+        (*event).header.saddr = l3.saddr;
+        (*event).header.daddr = l3.daddr;
+        (*event).header.sport = sport;
+        (*event).header.dport = dport;
+        (*event).header.family = l3.family;
+        (*event).header.direction = direction;
+        (*event).header.l4_proto = l3.proto;
+        (*event).header._pad0 = 0;
+        (*event).header.msg_len = msg_len;
         if direction == DIR_EGRESS {
-            (*event).pid_tgid = bpf_get_current_pid_tgid();
-            (*event).comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+            (*event).header.pid_tgid = bpf_get_current_pid_tgid();
+            (*event).header.comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
         } else {
             // Responses arrive in softirq context: the current task is unrelated.
-            (*event).pid_tgid = 0;
-            (*event).comm = [0u8; 16];
+            (*event).header.pid_tgid = 0;
+            (*event).header.comm = [0u8; 16];
         }
         let mut cap = msg_len;
         if cap > N as u32 {
@@ -394,7 +394,7 @@ fn emit_sized<const N: usize>(ctx: &SkBuffContext, packet: &Captured<'_>) {
                 copied = len;
             }
         }
-        (*event).cap_len = copied;
+        (*event).header.cap_len = copied;
     }
     entry.submit(0);
     bump(STAT_EVENTS);

@@ -86,31 +86,31 @@ fn record(
 ) {
     // SAFETY: DnsEvent is plain old data; all zeroes is a valid value.
     let mut e: DnsEvent = unsafe { std::mem::zeroed() };
-    e.ts_ns = ts_ns;
-    e.socket_cookie = cookie;
-    e.cgroup_id = cgroup_id;
-    e.family = FAMILY_IPV4;
-    e.l4_proto = PROTO_UDP;
-    e.direction = direction;
+    e.header.ts_ns = ts_ns;
+    e.header.socket_cookie = cookie;
+    e.header.cgroup_id = cgroup_id;
+    e.header.family = FAMILY_IPV4;
+    e.header.l4_proto = PROTO_UDP;
+    e.header.direction = direction;
     let client = [10, 1, 0, 2];
     let server = [10, 1, 0, 1];
     if direction == DIR_EGRESS {
-        e.pid_tgid = (u64::from(pid) << 32) | u64::from(pid);
-        e.comm[..6].copy_from_slice(b"client");
-        e.saddr[..4].copy_from_slice(&client);
-        e.daddr[..4].copy_from_slice(&server);
-        e.sport = client_port;
-        e.dport = 53;
+        e.header.pid_tgid = (u64::from(pid) << 32) | u64::from(pid);
+        e.header.comm[..6].copy_from_slice(b"client");
+        e.header.saddr[..4].copy_from_slice(&client);
+        e.header.daddr[..4].copy_from_slice(&server);
+        e.header.sport = client_port;
+        e.header.dport = 53;
     } else {
-        e.saddr[..4].copy_from_slice(&server);
-        e.daddr[..4].copy_from_slice(&client);
-        e.sport = 53;
-        e.dport = client_port;
+        e.header.saddr[..4].copy_from_slice(&server);
+        e.header.daddr[..4].copy_from_slice(&client);
+        e.header.sport = 53;
+        e.header.dport = client_port;
     }
     let n = msg.len().min(e.msg.len());
     e.msg[..n].copy_from_slice(&msg[..n]);
-    e.msg_len = msg.len() as u32;
-    e.cap_len = n as u32;
+    e.header.msg_len = msg.len() as u32;
+    e.header.cap_len = n as u32;
     // SAFETY: reading the bytes of a plain-old-data value.
     let bytes = unsafe {
         std::slice::from_raw_parts((&e as *const DnsEvent).cast::<u8>(), size_of::<DnsEvent>())
@@ -293,7 +293,7 @@ fn main() {
             for batch in rs.chunks(4096) {
                 let _clock = coarse::freeze();
                 for r in batch {
-                    let ts = read_event(r).map(|e| e.ts_ns).unwrap_or_default();
+                    let ts = read_event(r).map(|e| e.header.ts_ns).unwrap_or_default();
                     if ts >= next_tick {
                         pipeline.expire_at(ts);
                         pipeline.flush();

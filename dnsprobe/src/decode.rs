@@ -10,7 +10,7 @@ use std::{
 };
 
 use dnsprobe_common::{
-    DnsEvent, DIR_EGRESS, DIR_INGRESS, DNS_CAPTURE_LEN, DNS_EVENT_HEADER_LEN, FAMILY_IPV4,
+    DnsEventHeader, DIR_EGRESS, DIR_INGRESS, DNS_CAPTURE_LEN, DNS_EVENT_HEADER_LEN, FAMILY_IPV4,
     FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
 };
 use hickory_proto::{
@@ -159,70 +159,32 @@ pub struct Packet {
     pub message: DnsMessage,
 }
 
-/// A `DnsEventOf` as it lies in a ring-buffer record: its fixed fields copied out, its message
-/// area borrowed, so that only the bytes the kernel wrote are read.
+/// A `DnsEventOf` as it lies in a ring-buffer record: its header copied out, its message area
+/// borrowed, so that only the bytes the kernel wrote are read.
 #[derive(Debug, Clone)]
 pub struct EventRecord<'a> {
-    pub ts_ns: u64,
-    pub socket_cookie: u64,
-    pub cgroup_id: u64,
-    pub pid_tgid: u64,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
-    pub family: u8,
-    pub direction: u8,
-    pub l4_proto: u8,
-    pub msg_len: u32,
-    pub cap_len: u32,
-    pub comm: [u8; 16],
+    pub header: DnsEventHeader,
     /// The event's whole message area (one of `DNS_CAPTURE_CLASSES`, or what a shorter record
-    /// has); `cap_len` of them are the message.
+    /// has); `header.cap_len` of them are the message.
     pub msg: &'a [u8],
 }
 
-/// Reads a `DnsEventOf` of any size out of a ring-buffer record (which has no alignment
-/// guarantee), field by field at the offsets of its `#[repr(C)]` layout. The record's length
-/// gives the size of its message area.
+/// Reads a `DnsEventOf` of any size out of a ring-buffer record. The record's length gives the
+/// size of its message area.
 pub fn read_event(bytes: &[u8]) -> Result<EventRecord<'_>, DecodeError> {
-    use std::mem::offset_of;
     if bytes.len() < DNS_EVENT_HEADER_LEN {
         return Err(DecodeError::ShortRecord(bytes.len()));
     }
-    fn field<const N: usize>(bytes: &[u8], at: usize) -> Result<[u8; N], DecodeError> {
-        bytes
-            .get(at..at + N)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(DecodeError::ShortRecord(bytes.len()))
-    }
-    let u64_at = |at| field::<8>(bytes, at).map(u64::from_ne_bytes);
-    let u32_at = |at| field::<4>(bytes, at).map(u32::from_ne_bytes);
-    let u16_at = |at| field::<2>(bytes, at).map(u16::from_ne_bytes);
-    let u8_at = |at| field::<1>(bytes, at).map(|[b]| b);
-    let msg_at = offset_of!(DnsEvent, msg);
-    Ok(EventRecord {
-        ts_ns: u64_at(offset_of!(DnsEvent, ts_ns))?,
-        socket_cookie: u64_at(offset_of!(DnsEvent, socket_cookie))?,
-        cgroup_id: u64_at(offset_of!(DnsEvent, cgroup_id))?,
-        pid_tgid: u64_at(offset_of!(DnsEvent, pid_tgid))?,
-        saddr: field(bytes, offset_of!(DnsEvent, saddr))?,
-        daddr: field(bytes, offset_of!(DnsEvent, daddr))?,
-        sport: u16_at(offset_of!(DnsEvent, sport))?,
-        dport: u16_at(offset_of!(DnsEvent, dport))?,
-        family: u8_at(offset_of!(DnsEvent, family))?,
-        direction: u8_at(offset_of!(DnsEvent, direction))?,
-        l4_proto: u8_at(offset_of!(DnsEvent, l4_proto))?,
-        msg_len: u32_at(offset_of!(DnsEvent, msg_len))?,
-        cap_len: u32_at(offset_of!(DnsEvent, cap_len))?,
-        comm: field(bytes, offset_of!(DnsEvent, comm))?,
-        msg: bytes
-            .get(msg_at..bytes.len().min(msg_at + DNS_CAPTURE_LEN))
-            .ok_or(DecodeError::ShortRecord(bytes.len()))?,
-    })
+    // SAFETY: `bytes` holds at least a header; `DnsEventHeader` is `#[repr(C)]` plain old data
+    // (integers and byte arrays), so any bytes are a valid value, and the read is unaligned
+    // because ring-buffer records carry no alignment guarantee.
+    let header = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DnsEventHeader>()) };
+    let msg = &bytes[DNS_EVENT_HEADER_LEN..bytes.len().min(DNS_EVENT_HEADER_LEN + DNS_CAPTURE_LEN)];
+    Ok(EventRecord { header, msg })
 }
 
-pub fn decode_event(event: &EventRecord<'_>) -> Result<Packet, DecodeError> {
+pub fn decode_event(record: &EventRecord<'_>) -> Result<Packet, DecodeError> {
+    let event = &record.header;
     let direction = match event.direction {
         DIR_EGRESS => Direction::Egress,
         DIR_INGRESS => Direction::Ingress,
@@ -241,7 +203,7 @@ pub fn decode_event(event: &EventRecord<'_>) -> Result<Packet, DecodeError> {
         PROTO_UDP => Transport::Udp,
         other => return Err(DecodeError::BadProtocol(other)),
     };
-    let captured = event
+    let captured = record
         .msg
         .get(..event.cap_len as usize)
         .ok_or(DecodeError::BadCaptureLength(event.cap_len))?;
@@ -713,6 +675,7 @@ pub fn qtype_mnemonic(qtype: u16) -> Cow<'static, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dnsprobe_common::DnsEvent;
 
     /// `dig www.example.com A` as sent by dig 9.18 (with EDNS and a cookie stripped).
     const QUERY_A: &[u8] = &[
@@ -944,19 +907,13 @@ mod tests {
 
     #[test]
     fn event_roundtrip() {
-        let mut ev: DnsEvent = unsafe { std::mem::zeroed() };
-        ev.family = FAMILY_IPV6;
-        ev.direction = DIR_EGRESS;
-        ev.l4_proto = PROTO_UDP;
-        ev.saddr[15] = 1;
-        ev.daddr[15] = 2;
-        ev.sport = 40000;
-        ev.dport = 53;
-        ev.pid_tgid = (1234u64 << 32) | 1240;
-        ev.comm[..3].copy_from_slice(b"dig");
-        ev.msg[..QUERY_A.len()].copy_from_slice(QUERY_A);
-        ev.cap_len = QUERY_A.len() as u32;
-        ev.msg_len = QUERY_A.len() as u32;
+        let mut ev = query_event(FAMILY_IPV6);
+        ev.header.saddr[15] = 1;
+        ev.header.daddr[15] = 2;
+        ev.header.sport = 40000;
+        ev.header.dport = 53;
+        ev.header.pid_tgid = (1234u64 << 32) | 1240;
+        ev.header.comm[..3].copy_from_slice(b"dig");
         let p = decode_event(&read_event(event_bytes(&ev)).unwrap()).unwrap();
         assert_eq!(p.src.to_string(), "[::1]:40000");
         assert_eq!(p.dst.to_string(), "[::2]:53");
@@ -972,9 +929,9 @@ mod tests {
     #[test]
     fn bad_capture_length_rejected() {
         let mut ev: DnsEvent = unsafe { std::mem::zeroed() };
-        ev.family = FAMILY_IPV4;
-        ev.l4_proto = PROTO_UDP;
-        ev.cap_len = 9999;
+        ev.header.family = FAMILY_IPV4;
+        ev.header.l4_proto = PROTO_UDP;
+        ev.header.cap_len = 9999;
         assert_eq!(
             decode_event(&read_event(event_bytes(&ev)).unwrap()).unwrap_err(),
             DecodeError::BadCaptureLength(9999)
@@ -983,13 +940,7 @@ mod tests {
 
     #[test]
     fn every_event_size_decodes_and_none_is_read_past_its_end() {
-        let mut ev: DnsEvent = unsafe { std::mem::zeroed() };
-        ev.family = FAMILY_IPV4;
-        ev.direction = DIR_EGRESS;
-        ev.l4_proto = PROTO_UDP;
-        ev.msg[..QUERY_A.len()].copy_from_slice(QUERY_A);
-        ev.cap_len = QUERY_A.len() as u32;
-        ev.msg_len = QUERY_A.len() as u32;
+        let ev = query_event(FAMILY_IPV4);
         for area in dnsprobe_common::DNS_CAPTURE_CLASSES {
             // A record of the smaller size is the larger one's prefix.
             let record = &event_bytes(&ev)[..DNS_EVENT_HEADER_LEN + area];
@@ -1021,6 +972,19 @@ mod tests {
             Comm::from("dig").text(),
             std::borrow::Cow::Borrowed("dig")
         ));
+    }
+
+    /// `QUERY_A` sent over UDP, copied whole, in a zeroed event of the largest size.
+    fn query_event(family: u8) -> DnsEvent {
+        // SAFETY: DnsEvent is plain old data; all zeroes is a valid value.
+        let mut ev: DnsEvent = unsafe { std::mem::zeroed() };
+        ev.header.family = family;
+        ev.header.direction = DIR_EGRESS;
+        ev.header.l4_proto = PROTO_UDP;
+        ev.msg[..QUERY_A.len()].copy_from_slice(QUERY_A);
+        ev.header.cap_len = QUERY_A.len() as u32;
+        ev.header.msg_len = QUERY_A.len() as u32;
+        ev
     }
 
     fn event_bytes(ev: &DnsEvent) -> &[u8] {

@@ -513,7 +513,7 @@ pub fn fuzz_records(pipeline: &mut Pipeline, mut data: &[u8]) {
 
 /// The first bytes of a malformed record's DNS message, for debug logs.
 fn hex_prefix(record: &[u8]) -> String {
-    let start = std::mem::offset_of!(dnsprobe_common::DnsEvent, msg);
+    let start = dnsprobe_common::DNS_EVENT_HEADER_LEN;
     record
         .get(start..)
         .unwrap_or_default()
@@ -532,18 +532,18 @@ mod tests {
         use dnsprobe_common::{DnsEvent, DIR_EGRESS, FAMILY_IPV4, PROTO_UDP};
         // SAFETY: DnsEvent is plain old data; all zeroes is a valid value.
         let mut e: DnsEvent = unsafe { std::mem::zeroed() };
-        e.ts_ns = ts_ns;
-        e.socket_cookie = u64::from(tid);
-        e.cgroup_id = 7;
-        e.pid_tgid = (u64::from(pid) << 32) | u64::from(tid);
-        e.family = FAMILY_IPV4;
-        e.l4_proto = PROTO_UDP;
-        e.direction = DIR_EGRESS;
-        e.comm[..comm.len()].copy_from_slice(comm);
-        e.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
-        e.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
-        e.sport = 40_000 + tid as u16;
-        e.dport = 53;
+        e.header.ts_ns = ts_ns;
+        e.header.socket_cookie = u64::from(tid);
+        e.header.cgroup_id = 7;
+        e.header.pid_tgid = (u64::from(pid) << 32) | u64::from(tid);
+        e.header.family = FAMILY_IPV4;
+        e.header.l4_proto = PROTO_UDP;
+        e.header.direction = DIR_EGRESS;
+        e.header.comm[..comm.len()].copy_from_slice(comm);
+        e.header.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        e.header.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        e.header.sport = 40_000 + tid as u16;
+        e.header.dport = 53;
         let mut msg = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
         for label in name.trim_end_matches('.').split('.') {
             msg.push(label.len() as u8);
@@ -551,8 +551,8 @@ mod tests {
         }
         msg.extend_from_slice(&[0, 0, 1, 0, 1]);
         e.msg[..msg.len()].copy_from_slice(&msg);
-        e.msg_len = msg.len() as u32;
-        e.cap_len = msg.len() as u32;
+        e.header.msg_len = msg.len() as u32;
+        e.header.cap_len = msg.len() as u32;
         // SAFETY: reading the bytes of a plain-old-data value.
         unsafe {
             std::slice::from_raw_parts((&e as *const DnsEvent).cast::<u8>(), size_of::<DnsEvent>())
