@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::{
     attribute::{ContainerIdentity, PodIdentity},
-    correlate::{DropRecord, FinishedQuery, Outcome},
+    correlate::{DropRecord, FinishedQuery, Outcome, Sender},
     decode::{qtype_mnemonic, qtype_name, rcode_mnemonic, rcode_name, Answer},
     lookup::{Diagnosis, LateArrival, LookupRecord, ResolverConfig},
 };
@@ -142,6 +142,15 @@ struct AddressText {
     len: usize,
 }
 
+impl Default for AddressText {
+    fn default() -> Self {
+        Self {
+            buf: [0; 80],
+            len: 0,
+        }
+    }
+}
+
 impl AddressText {
     fn ip(ip: IpAddr) -> Result<Self, std::io::Error> {
         match ip {
@@ -213,109 +222,183 @@ impl Serialize for SocketText<'_> {
     }
 }
 
-/// A JSON object written field by field into a byte buffer. Query records are written with it
-/// rather than through serde: one is written for every query, and serde_json's generic path
-/// (keys escaped at run time, every value through a trait call) cost twice as much. The
-/// output is the same JSON; `tests::query_record_fields` reads it back.
-struct JsonObject<'a> {
-    out: &'a mut Vec<u8>,
-    first: bool,
+/// The lead of a query record's field after the first, `,"name":`, as one literal: a record
+/// is written field by field into a byte buffer rather than through serde (serde_json's
+/// generic path, keys escaped at run time and every value through a trait call, cost twice as
+/// much), and a lead of known length is copied without a call. The output is the same JSON;
+/// `tests::query_record_fields` reads it back.
+macro_rules! lead {
+    ($name:literal) => {
+        concat!(",\"", $name, "\":").as_bytes()
+    };
 }
 
-impl<'a> JsonObject<'a> {
-    fn begin(out: &'a mut Vec<u8>) -> Self {
-        out.push(b'{');
-        Self { out, first: true }
+fn push_opt_str(out: &mut Vec<u8>, value: Option<&str>) {
+    match value {
+        Some(v) => push_json_str(out, v),
+        None => out.extend_from_slice(b"null"),
     }
+}
 
-    /// Starts a field; `name` needs no escaping (a literal of this module). Inlined, so that
-    /// the copy of a literal of known length needs no call.
-    #[inline(always)]
-    fn key(&mut self, name: &str) -> &mut Vec<u8> {
-        let lead: &[u8] = if std::mem::take(&mut self.first) {
-            b"\""
-        } else {
-            b",\""
-        };
-        self.out.extend_from_slice(lead);
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.extend_from_slice(b"\":");
-        self.out
+fn push_num(out: &mut Vec<u8>, value: impl itoa::Integer) {
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(digits.format(value).as_bytes());
+}
+
+fn push_opt_num(out: &mut Vec<u8>, value: Option<impl itoa::Integer>) {
+    match value {
+        Some(v) => push_num(out, v),
+        None => out.extend_from_slice(b"null"),
     }
+}
 
-    fn str(&mut self, name: &str, value: &str) {
-        push_json_str(self.key(name), value);
-    }
+fn push_bool(out: &mut Vec<u8>, value: bool) {
+    let text: &[u8] = if value { b"true" } else { b"false" };
+    out.extend_from_slice(text);
+}
 
-    fn opt_str(&mut self, name: &str, value: Option<&str>) {
-        match value {
-            Some(v) => self.str(name, v),
-            None => self.key(name).extend_from_slice(b"null"),
+/// A JSON array of `items`, each written by `item`.
+fn push_array<T>(
+    out: &mut Vec<u8>,
+    items: &[T],
+    mut item: impl FnMut(&mut Vec<u8>, &T) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
+    out.push(b'[');
+    for (i, value) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
+        item(out, value)?;
     }
+    out.push(b']');
+    Ok(())
+}
 
-    fn num(&mut self, name: &str, value: impl itoa::Integer) {
-        let mut digits = itoa::Buffer::new();
-        self.key(name)
-            .extend_from_slice(digits.format(value).as_bytes());
-    }
+/// The text of the IPv4 address written last, to write again without formatting it: the
+/// server of nearly every query is the same, and so is the address of a pod's client socket.
+#[derive(Default)]
+struct Ipv4Text {
+    ip: Option<std::net::Ipv4Addr>,
+    text: AddressText,
+}
 
-    fn opt_num(&mut self, name: &str, value: Option<impl itoa::Integer>) {
-        match value {
-            Some(v) => self.num(name, v),
-            None => self.key(name).extend_from_slice(b"null"),
-        }
-    }
-
-    fn bool(&mut self, name: &str, value: bool) {
-        let text: &[u8] = if value { b"true" } else { b"false" };
-        self.key(name).extend_from_slice(text);
-    }
-
-    fn time(&mut self, name: &str, t: Timestamp, seconds: &mut SecondText) {
-        push_json_time(self.key(name), t, seconds);
-    }
-
-    fn socket(&mut self, name: &str, addr: &SocketAddr) -> Result<(), ExportError> {
-        push_quoted(self.key(name), AddressText::socket(addr)?.as_bytes());
-        Ok(())
-    }
-
-    /// A JSON array of `items`, each written by `item`.
-    fn array<T>(
-        &mut self,
-        name: &str,
-        items: &[T],
-        mut item: impl FnMut(&mut Vec<u8>, &T) -> Result<(), ExportError>,
-    ) -> Result<(), ExportError> {
-        let out = self.key(name);
-        out.push(b'[');
-        for (i, value) in items.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
+impl Ipv4Text {
+    /// `addr` in quotes, as `Display` writes it.
+    fn push_socket(&mut self, out: &mut Vec<u8>, addr: &SocketAddr) -> Result<(), ExportError> {
+        match addr {
+            SocketAddr::V4(v4) => {
+                if self.ip != Some(*v4.ip()) {
+                    self.text = AddressText::v4(*v4.ip(), None);
+                    self.ip = Some(*v4.ip());
+                }
+                out.push(b'"');
+                out.extend_from_slice(self.text.as_bytes());
+                out.push(b':');
+                push_num(out, v4.port());
+                out.push(b'"');
             }
-            item(out, value)?;
+            SocketAddr::V6(_) => push_quoted(out, AddressText::displayed(addr)?.as_bytes()),
         }
-        out.push(b']');
         Ok(())
     }
+}
 
-    /// A value serde writes (nested objects, rare fields).
-    fn serde(&mut self, name: &str, value: &impl Serialize) -> Result<(), ExportError> {
-        serde_json::to_writer(&mut *self.key(name), value)?;
+/// The sender's fields of the last query record (`"pid"` to `"host_unit"`) and the sender they
+/// were written for: a busy process sends query after query, and its pod and container went
+/// through serde for every one.
+#[derive(Default)]
+struct SenderText {
+    /// Holds the workload that `text` was written for, so that its address, compared below,
+    /// cannot be reused by another one.
+    sender: Option<Sender>,
+    text: Vec<u8>,
+}
+
+impl SenderText {
+    fn push(&mut self, out: &mut Vec<u8>, s: &Sender) -> Result<(), ExportError> {
+        let same = self.sender.as_ref().is_some_and(|last| {
+            last.pid == s.pid
+                && last.tid == s.tid
+                && last.cgroup_id == s.cgroup_id
+                && last.comm == s.comm
+                && last.thread_comm == s.thread_comm
+                && last.cgroup_path == s.cgroup_path
+                && match (&last.workload, &s.workload) {
+                    (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                }
+        });
+        if !same {
+            self.sender = None;
+            self.text.clear();
+            push_sender(&mut self.text, s)?;
+            self.sender = Some(s.clone());
+        }
+        out.extend_from_slice(&self.text);
         Ok(())
     }
+}
 
-    fn end(self) {
-        self.out.push(b'}');
+/// `,"pid":...` to `"host_unit"`, in the field order of the README.
+fn push_sender(out: &mut Vec<u8>, s: &Sender) -> Result<(), ExportError> {
+    out.extend_from_slice(lead!("pid"));
+    push_opt_num(out, s.pid);
+    out.extend_from_slice(lead!("tid"));
+    push_opt_num(out, s.tid);
+    out.extend_from_slice(lead!("comm"));
+    push_opt_str(out, s.comm.as_deref());
+    out.extend_from_slice(lead!("thread_comm"));
+    push_opt_str(out, s.thread_comm.as_deref());
+    out.extend_from_slice(lead!("cgroup_id"));
+    push_num(out, s.cgroup_id);
+    out.extend_from_slice(lead!("cgroup_path"));
+    push_opt_str(out, s.cgroup_path.as_deref());
+    if let Some(workload) = s.workload.as_deref() {
+        if let Some(pod) = &workload.pod {
+            out.extend_from_slice(lead!("pod"));
+            serde_json::to_writer(&mut *out, pod)?;
+        }
+        if let Some(container) = &workload.container {
+            out.extend_from_slice(lead!("container"));
+            serde_json::to_writer(&mut *out, container)?;
+        }
+        if let Some(unit) = &workload.host_unit {
+            out.extend_from_slice(lead!("host_unit"));
+            push_json_str(out, unit);
+        }
     }
+    Ok(())
+}
+
+/// Whether any byte of `bytes` is a control character, `"` or `\\`, tested eight bytes at a
+/// time: every string of every record goes through here, and nearly none need escaping.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Whether a byte of `x` is below `n` (n <= 128): exact as to whether, if not as to which.
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
+    let has = |x: u64, b: u8| below(x ^ (ONES * u64::from(b)), 1);
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_ne_bytes(word);
+        if below(x, 0x20) || has(x, b'"') || has(x, b'\\') {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// `value` as a JSON string, escaped as serde_json escapes it.
 fn push_json_str(out: &mut Vec<u8>, value: &str) {
     out.push(b'"');
     let bytes = value.as_bytes();
-    if bytes.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if !needs_escape(bytes) {
         out.extend_from_slice(bytes);
     } else {
         for &b in bytes {
@@ -484,6 +567,9 @@ pub struct RecordWriter<W: Write> {
     /// record in dozens of small pieces, each a call through `out`.
     line: Vec<u8>,
     seconds: SecondText,
+    client_ip: Ipv4Text,
+    server_ip: Ipv4Text,
+    sender_text: SenderText,
     format: RecordFormat,
     clock: WallClock,
     written: u64,
@@ -496,6 +582,9 @@ impl<W: Write> RecordWriter<W> {
             out,
             line: Vec::with_capacity(1024),
             seconds: SecondText::default(),
+            client_ip: Ipv4Text::default(),
+            server_ip: Ipv4Text::default(),
+            sender_text: SenderText::default(),
             format,
             clock,
             written: 0,
@@ -542,56 +631,56 @@ impl<W: Write> RecordWriter<W> {
     /// A query record into `self.line`, in the field order of the README.
     fn query_json(&mut self, q: &FinishedQuery) -> Result<(), ExportError> {
         let clock = self.clock;
-        let mut o = JsonObject::begin(&mut self.line);
-        o.str("event", "query");
-        o.time(
-            "time",
-            Timestamp(clock.wall_ns(q.first_send_ns())),
-            &mut self.seconds,
-        );
-        o.str("qname", &q.qname);
-        o.str("qtype", &qtype_mnemonic(q.qtype));
-        o.num("id", q.id);
-        o.str("transport", q.transport.as_str());
-        o.socket("client", &q.client)?;
-        o.socket("server", &q.server)?;
-        o.str("outcome", q.outcome.as_str());
-        o.opt_str("rcode", q.rcode.map(rcode_mnemonic).as_deref());
-        o.opt_num("latency_ns", q.latency_ns());
-        o.num("sends", q.send_ts_ns.len());
         let seconds = &mut self.seconds;
-        o.array("send_times", &q.send_ts_ns, |out, &t| {
+        let out = &mut self.line;
+        out.extend_from_slice(b"{\"event\":\"query\",\"time\":");
+        push_json_time(out, Timestamp(clock.wall_ns(q.first_send_ns())), seconds);
+        out.extend_from_slice(lead!("qname"));
+        push_json_str(out, &q.qname);
+        out.extend_from_slice(lead!("qtype"));
+        // Mnemonics and `TYPEnnn` need no escaping.
+        push_quoted(out, qtype_mnemonic(q.qtype).as_bytes());
+        out.extend_from_slice(lead!("id"));
+        push_num(out, q.id);
+        out.extend_from_slice(lead!("transport"));
+        push_quoted(out, q.transport.as_str().as_bytes());
+        out.extend_from_slice(lead!("client"));
+        self.client_ip.push_socket(out, &q.client)?;
+        out.extend_from_slice(lead!("server"));
+        self.server_ip.push_socket(out, &q.server)?;
+        out.extend_from_slice(lead!("outcome"));
+        push_quoted(out, q.outcome.as_str().as_bytes());
+        out.extend_from_slice(lead!("rcode"));
+        match q.rcode {
+            // Mnemonics and `RCODEnnn` need no escaping.
+            Some(rcode) => push_quoted(out, rcode_mnemonic(rcode).as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(lead!("latency_ns"));
+        push_opt_num(out, q.latency_ns());
+        out.extend_from_slice(lead!("sends"));
+        push_num(out, q.send_ts_ns.len());
+        out.extend_from_slice(lead!("send_times"));
+        push_array(out, &q.send_ts_ns, |out, &t| {
             push_json_time(out, Timestamp(clock.wall_ns(t)), seconds);
             Ok(())
         })?;
-        o.array("answers", &q.answers, push_json_answer)?;
-        o.bool("truncated", q.truncated);
-        o.opt_num("pid", q.sender.pid);
-        o.opt_num("tid", q.sender.tid);
-        o.opt_str("comm", q.sender.comm.as_deref());
-        o.opt_str("thread_comm", q.sender.thread_comm.as_deref());
-        o.num("cgroup_id", q.sender.cgroup_id);
-        o.opt_str("cgroup_path", q.sender.cgroup_path.as_deref());
-        if let Some(workload) = q.sender.workload.as_deref() {
-            if let Some(pod) = &workload.pod {
-                o.serde("pod", pod)?;
-            }
-            if let Some(container) = &workload.container {
-                o.serde("container", container)?;
-            }
-            if let Some(unit) = &workload.host_unit {
-                o.str("host_unit", unit);
-            }
-        }
-        o.num("socket_cookie", q.socket_cookie);
+        out.extend_from_slice(lead!("answers"));
+        push_array(out, &q.answers, push_json_answer)?;
+        out.extend_from_slice(lead!("truncated"));
+        push_bool(out, q.truncated);
+        self.sender_text.push(out, &q.sender)?;
+        out.extend_from_slice(lead!("socket_cookie"));
+        push_num(out, q.socket_cookie);
+        out.extend_from_slice(lead!("drops"));
         if q.drops.is_empty() {
-            o.key("drops").extend_from_slice(b"[]");
+            out.extend_from_slice(b"[]");
         } else {
             let drops: Vec<DropJson<'_>> =
                 q.drops.iter().map(|d| DropJson::new(d, &clock)).collect();
-            o.serde("drops", &drops)?;
+            serde_json::to_writer(&mut *out, &drops)?;
         }
-        o.end();
+        out.push(b'}');
         Ok(())
     }
 
@@ -871,6 +960,92 @@ mod tests {
             },
             drops: Vec::new(),
         }
+    }
+
+    #[test]
+    fn escape_test_agrees_with_a_byte_by_byte_one() {
+        let naive = |b: &[u8]| b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        for len in 0..20 {
+            for at in 0..len {
+                for special in [
+                    0x00u8, 0x1f, b'"', b'\\', 0x20, 0x7f, 0x80, 0xff, b'!', b']',
+                ] {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = special;
+                    cases.push(bytes.clone());
+                    // High bytes around it must not hide or fake a hit.
+                    if at + 1 < len {
+                        bytes[at + 1] = 0xc3;
+                    }
+                    if at > 0 {
+                        bytes[at - 1] = 0x80;
+                    }
+                    cases.push(bytes);
+                }
+            }
+        }
+        for bytes in cases {
+            assert_eq!(needs_escape(&bytes), naive(&bytes), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn consecutive_records_of_different_senders_each_say_their_own() {
+        use crate::attribute::{PodIdentity, Workload};
+        let clock = WallClock { offset_ns: 0 };
+        let mut w = RecordWriter::new(Vec::new(), RecordFormat::Json, clock);
+        let pod = |name: &str| {
+            Some(std::sync::Arc::new(Workload {
+                pod: Some(PodIdentity {
+                    namespace: Some("ns".into()),
+                    name: Some(name.into()),
+                    uid: format!("uid-{name}"),
+                    qos: None,
+                }),
+                container: None,
+                host_unit: None,
+            }))
+        };
+        let a = finished(Outcome::Answered);
+        let mut b = a.clone();
+        b.sender.tid = Some(12);
+        let mut c = b.clone();
+        c.sender.comm = Some("other".into());
+        let mut d = c.clone();
+        d.sender.workload = pod("web-0");
+        let mut e = d.clone();
+        e.sender.workload = pod("web-1");
+        let mut f = e.clone();
+        f.client = "10.9.9.9:1234".parse().unwrap();
+        f.server = "10.9.9.8:5353".parse().unwrap();
+        let mut g = f.clone();
+        g.client = "10.9.9.7:1234".parse().unwrap();
+        let queries = [&a, &b, &c, &d, &e, &e, &f, &g, &f, &a];
+        for q in queries {
+            w.write_query(q).unwrap();
+        }
+        let text = String::from_utf8(w.out).unwrap();
+        for (line, q) in text.lines().zip(queries) {
+            let mut alone = RecordWriter::new(Vec::new(), RecordFormat::Json, clock);
+            alone.write_query(q).unwrap();
+            assert_eq!(format!("{line}\n"), String::from_utf8(alone.out).unwrap());
+        }
+        let names: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["pod"]["name"].clone())
+            .collect();
+        assert_eq!(names[4], "web-1");
+        assert_eq!(names[3], "web-0");
+        assert!(names[9].is_null());
+        let clients: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["client"].clone())
+            .collect();
+        assert_eq!(
+            clients[6..9],
+            ["10.9.9.9:1234", "10.9.9.7:1234", "10.9.9.9:1234"]
+        );
     }
 
     #[test]
