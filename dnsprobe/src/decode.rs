@@ -13,6 +13,8 @@ use dnsprobe_common::{
     DnsEventHeader, DIR_EGRESS, DIR_INGRESS, DNS_CAPTURE_LEN, DNS_EVENT_HEADER_LEN, FAMILY_IPV4,
     FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
 };
+use std::hash::BuildHasher as _;
+
 use hickory_proto::{
     op::Message,
     rr::{RData, RecordType},
@@ -353,12 +355,7 @@ pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError
     if qdcount == 0 {
         return Err(DecodeError::NoQuestion);
     }
-    let (name, end) = NAME_SCRATCH.with_borrow_mut(|scratch| {
-        let end = read_name_into(bytes, 12, scratch)?;
-        let text = std::str::from_utf8(scratch)
-            .map_err(|_| DecodeError::BadQuestion("name is not text"))?;
-        Ok::<_, DecodeError>((crate::qname::QName::recent(text), end))
-    })?;
+    let (name, end) = question_name(bytes)?;
     let qtype_bytes = bytes.get(end..end + 4).ok_or(DecodeError::BadQuestion(
         "question ends before its type and class",
     ))?;
@@ -549,6 +546,99 @@ thread_local! {
     static NAME_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// The question name of a message (it starts at offset 12) and the offset just past it.
+///
+/// A name is nearly always one asked a moment ago: a response repeats its query's question,
+/// and clients ask the same names again and again. So a name written without compression
+/// pointers (as question names are) is first looked up by its exact wire bytes, which decide
+/// its text: spelling it out, checking it is text and hashing it were half the cost of
+/// decoding a message.
+fn question_name(bytes: &[u8]) -> Result<(crate::qname::QName, usize), DecodeError> {
+    let Some(end) = plain_name_end(bytes, 12) else {
+        return spell_question_name(bytes);
+    };
+    let wire = &bytes[12..end];
+    let slot = (WIRE_NAME_HASHER.hash_one(wire) % WIRE_NAME_SLOTS as u64) as usize;
+    if let Some(name) = WIRE_NAMES.with_borrow(|slots| {
+        slots
+            .get(slot)
+            .and_then(Option::as_ref)
+            .filter(|known| known.wire() == wire)
+            .map(|known| known.name.clone())
+    }) {
+        return Ok((name, end));
+    }
+    let (name, end) = spell_question_name(bytes)?;
+    WIRE_NAMES.with_borrow_mut(|slots| {
+        if slots.is_empty() {
+            slots.resize_with(WIRE_NAME_SLOTS, || None);
+        }
+        let mut known = WireName {
+            len: wire.len() as u8,
+            wire: [0; WIRE_NAME_MAX],
+            name: name.clone(),
+        };
+        known.wire[..wire.len()].copy_from_slice(wire);
+        slots[slot] = Some(known);
+    });
+    Ok((name, end))
+}
+
+/// The question name spelled out from its labels.
+fn spell_question_name(bytes: &[u8]) -> Result<(crate::qname::QName, usize), DecodeError> {
+    NAME_SCRATCH.with_borrow_mut(|scratch| {
+        let end = read_name_into(bytes, 12, scratch)?;
+        let text = std::str::from_utf8(scratch)
+            .map_err(|_| DecodeError::BadQuestion("name is not text"))?;
+        Ok((crate::qname::QName::recent(text), end))
+    })
+}
+
+/// The end of the name at `start` when it has no compression pointer and its wire form fits
+/// in a [`WireName`]; `None` otherwise (and for anything malformed, left to `read_name_into`).
+fn plain_name_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut pos = start;
+    loop {
+        let len = usize::from(*bytes.get(pos)?);
+        if len == 0 {
+            return (pos + 1 - start <= WIRE_NAME_MAX).then_some(pos + 1);
+        }
+        if len & 0xc0 != 0 {
+            return None;
+        }
+        pos += 1 + len;
+        if pos - start >= WIRE_NAME_MAX {
+            return None;
+        }
+    }
+}
+
+const WIRE_NAME_SLOTS: usize = 512;
+const WIRE_NAME_MAX: usize = 64;
+
+/// A question name's wire bytes and its decoded form.
+struct WireName {
+    len: u8,
+    wire: [u8; WIRE_NAME_MAX],
+    name: crate::qname::QName,
+}
+
+impl WireName {
+    fn wire(&self) -> &[u8] {
+        &self.wire[..usize::from(self.len)]
+    }
+}
+
+/// Fixed, not seeded: a sender that makes names collide here only sends them down the slow
+/// path, which every name took before.
+static WIRE_NAME_HASHER: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5eed);
+
+thread_local! {
+    /// Direct-mapped, so a lookup is one compare; filled on first use.
+    static WIRE_NAMES: std::cell::RefCell<Vec<Option<WireName>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Returns the name in presentation form and the offset just past it in the message.
 fn read_name(bytes: &[u8], start: usize) -> Result<(String, usize), DecodeError> {
     let mut name = Vec::with_capacity(64);
@@ -719,6 +809,47 @@ mod tests {
         let (name, end) = read_name(&msg, 12).unwrap();
         assert_eq!(name, &*m.question.name);
         assert_eq!(end, msg.len() - 4);
+    }
+
+    /// Names found by their wire bytes read exactly as names spelled out from their labels,
+    /// case and escapes included, whichever was decoded before, and whatever shares a slot.
+    #[test]
+    fn names_known_by_their_wire_bytes_read_as_spelled_out() {
+        let message = |labels: &[&[u8]]| {
+            let mut msg = QUERY_A[..12].to_vec();
+            for label in labels {
+                msg.push(label.len() as u8);
+                msg.extend_from_slice(label);
+            }
+            msg.extend_from_slice(&[0, 0, 1, 0, 1]);
+            msg
+        };
+        let mut messages = Vec::new();
+        for i in 0..2000u32 {
+            let label = format!("n{i}");
+            messages.push(message(&[label.as_bytes(), b"example", b"com"]));
+            messages.push(message(&[
+                label.to_uppercase().as_bytes(),
+                b"Example",
+                b"com",
+            ]));
+        }
+        messages.push(message(&[b"a.b", b"\\", &[0, 0xff, b' ']]));
+        // Longer than the wire cache holds, and exactly as long.
+        messages.push(message(&[&[b'x'; 63]]));
+        messages.push(message(&[&[b'y'; 61]]));
+        messages.push(message(&[&[b'z'; 62]]));
+        // Twice over, so that the second round finds what the first one stored.
+        for msg in messages.iter().chain(&messages) {
+            let decoded = decode_message(msg, false).unwrap();
+            let (spelled, end) = read_name(msg, 12).unwrap();
+            assert_eq!(&*decoded.question.name, spelled);
+            assert_eq!(end, msg.len() - 4);
+            assert_eq!(decoded.question.qtype, 1);
+        }
+        let a = decode_message(&messages[0], false).unwrap().question.name;
+        let b = decode_message(&messages[0], false).unwrap().question.name;
+        assert_eq!(a.as_ptr(), b.as_ptr(), "one name, one text");
     }
 
     #[test]
