@@ -22,7 +22,8 @@ use serde_json::json;
 use std::hash::BuildHasher as _;
 
 use crate::{
-    correlate::{FinishedQuery, Outcome},
+    correlate::{DropRecord, FinishedQuery, Outcome, SendTimes, Sender},
+    decode::Answers,
     decode::{qtype_name, rcode_name, Transport, RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_SERVFAIL},
     qname::{CaselessPrefix, QName},
 };
@@ -308,7 +309,7 @@ impl OpenLookup {
 /// reference the incremental `OpenLookup::questions` is checked against.
 #[cfg(test)]
 fn latest_rcodes<'a>(
-    queries: impl IntoIterator<Item = &'a FinishedQuery>,
+    queries: impl IntoIterator<Item = &'a LookupQuery>,
 ) -> HashMap<(String, u16), Option<u16>> {
     let mut latest: HashMap<(String, u16), (u64, Option<u16>)> = HashMap::new();
     for q in queries {
@@ -325,7 +326,7 @@ fn latest_rcodes<'a>(
 
 /// Every question's latest answer is definitive: an answer or a name that does not exist.
 #[cfg(test)]
-fn settled<'a>(queries: impl IntoIterator<Item = &'a FinishedQuery>) -> bool {
+fn settled<'a>(queries: impl IntoIterator<Item = &'a LookupQuery>) -> bool {
     latest_rcodes(queries).values().all(|r| is_definitive(*r))
 }
 
@@ -403,13 +404,86 @@ struct OpenLookup {
     questions: Vec<QuestionState>,
     /// Every question's latest answer is definitive (see [`settled`]).
     settled: bool,
-    #[expect(
-        clippy::vec_box,
-        reason = "queries arrive boxed and stay so: moving a few hundred bytes per query, and \
-                  again each time the list grows, cost more than the pointer"
-    )]
-    queries: Vec<Box<FinishedQuery>>,
+    queries: Vec<LookupQuery>,
+    /// The sender of the query sent first, which the record names; with the send time and
+    /// response time it was ordered by.
+    sender: Option<((u64, u64), Sender)>,
     late: Vec<LateArrival>,
+}
+
+/// What a lookup keeps of a finished query: what its record and its diagnoses read. The query
+/// record is written by then; the client socket and the sender (kept once per lookup) are
+/// left out, which nearly halves what a busy lookup holds, and the query's own allocation is
+/// freed while it is still in the cache.
+#[derive(Debug, Clone)]
+struct LookupQuery {
+    qname: QName,
+    qtype: u16,
+    id: u16,
+    transport: Transport,
+    truncated: bool,
+    outcome: Outcome,
+    rcode: Option<u16>,
+    server: std::net::SocketAddr,
+    send_ts_ns: SendTimes,
+    response_ts_ns: Option<u64>,
+    answers: Answers,
+    drops: Vec<DropRecord>,
+}
+
+impl LookupQuery {
+    /// The query, and its sender.
+    fn split(query: FinishedQuery) -> (Self, Sender) {
+        let FinishedQuery {
+            qname,
+            qtype,
+            id,
+            transport,
+            client: _,
+            server,
+            socket_cookie: _,
+            send_ts_ns,
+            response_ts_ns,
+            outcome,
+            rcode,
+            truncated,
+            answers,
+            sender,
+            drops,
+        } = query;
+        let kept = Self {
+            qname,
+            qtype,
+            id,
+            transport,
+            truncated,
+            outcome,
+            rcode,
+            server,
+            send_ts_ns,
+            response_ts_ns,
+            answers,
+            drops,
+        };
+        (kept, sender)
+    }
+
+    fn first_send_ns(&self) -> u64 {
+        self.send_ts_ns.first().copied().unwrap_or_default()
+    }
+
+    fn latency_ns(&self) -> Option<u64> {
+        self.response_ts_ns
+            .map(|r| r.saturating_sub(self.first_send_ns()))
+    }
+
+    /// Queries finish in the order they were sent unless latencies differ.
+    fn order(&self) -> (u64, u64) {
+        (
+            self.first_send_ns(),
+            self.response_ts_ns.unwrap_or(u64::MAX),
+        )
+    }
 }
 
 /// One question of a lookup (name and type) and its latest answer.
@@ -442,6 +516,7 @@ impl OpenLookup {
             // Not preallocated: a lookup whose queries are all still pending (an outage, a
             // flood of unanswered names) then costs no query list at all.
             queries: Vec::new(),
+            sender: None,
             late: Vec::new(),
         }
     }
@@ -452,6 +527,11 @@ impl OpenLookup {
 
     /// Adds a finished query, keeping `questions` and `settled` up to date.
     fn add(&mut self, query: Box<FinishedQuery>) {
+        let (query, sender) = LookupQuery::split(*query);
+        let order = query.order();
+        if self.sender.as_ref().is_none_or(|(first, _)| order < *first) {
+            self.sender = Some((order, sender));
+        }
         let at = query
             .response_ts_ns
             .unwrap_or_else(|| query.first_send_ns());
@@ -881,13 +961,10 @@ impl LookupTracker {
             return None;
         }
         self.stats.lookups += 1;
-        // Queries finish in the order they were sent unless latencies differ; a sort moves
-        // every (large) query even when they are in order already.
-        fn order(q: &FinishedQuery) -> (u64, u64) {
-            (q.first_send_ns(), q.response_ts_ns.unwrap_or(u64::MAX))
-        }
-        if !lookup.queries.is_sorted_by_key(|q| order(q)) {
-            lookup.queries.sort_by_key(|q| order(q));
+        // A sort moves every query even when they are in order already, as they nearly always
+        // are.
+        if !lookup.queries.is_sorted_by_key(LookupQuery::order) {
+            lookup.queries.sort_by_key(LookupQuery::order);
         }
         Some(build_record(lookup, &self.diagnosis))
     }
@@ -897,7 +974,7 @@ impl LookupTracker {
 /// A query joins a lookup only under the name its resolver was asked, which is its own name
 /// with any search domain cut off: it asked that very name exactly when the lengths agree.
 /// Comparing the names byte by byte was most of the cost of closing a long lookup.
-fn is_expansion(lookup_name: &str, q: &FinishedQuery) -> bool {
+fn is_expansion(lookup_name: &str, q: &LookupQuery) -> bool {
     debug_assert!(
         q.qname
             .as_bytes()
@@ -913,10 +990,8 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
     let end_ns = lookup_end_ns(&lookup, cfg.query_timeout_ns);
     let queries = &lookup.queries;
     // One pass: comparing names is most of a long lookup's cost at its end.
-    let (expansions, own): (Vec<&FinishedQuery>, Vec<&FinishedQuery>) = queries
-        .iter()
-        .map(|q| &**q)
-        .partition(|q| is_expansion(lookup.name(), q));
+    let (expansions, own): (Vec<&LookupQuery>, Vec<&LookupQuery>) =
+        queries.iter().partition(|q| is_expansion(lookup.name(), q));
     // The decisive answer: the last one that carried data, else the last response of all.
     let with_answers = queries
         .iter()
@@ -992,7 +1067,7 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
         None => None,
     };
     let diagnosis = diagnose(&lookup, &expansions, &own, cfg);
-    let sender = queries.first().map(|q| &q.sender);
+    let sender = lookup.sender.as_ref().map(|(_, s)| s);
     LookupRecord {
         event: "lookup",
         time_ns: lookup.first_send_ns,
@@ -1018,15 +1093,15 @@ fn ms(ns: u64) -> String {
     format!("{:.1} ms", ns as f64 / 1e6)
 }
 
-fn describe(q: &FinishedQuery) -> String {
+fn describe(q: &LookupQuery) -> String {
     format!("{} {}", qtype_name(q.qtype), q.qname)
 }
 
 /// `expansions` and `own` are the lookup's queries of search-list names and of the asked name.
 fn diagnose(
     lookup: &OpenLookup,
-    expansions: &[&FinishedQuery],
-    own: &[&FinishedQuery],
+    expansions: &[&LookupQuery],
+    own: &[&LookupQuery],
     cfg: &DiagnosisConfig,
 ) -> Vec<Diagnosis> {
     let queries = &lookup.queries;
@@ -1157,8 +1232,8 @@ fn diagnose(
                     qtype: q.qtype,
                     after_first_send_ns: d.ts_ns.saturating_sub(q.first_send_ns()),
                     why: d.reason.clone(),
-                    pid: q.sender.pid,
-                    cgroup_id: q.sender.cgroup_id,
+                    pid: lookup.key.pid,
+                    cgroup_id: lookup.key.cgroup_id,
                 });
                 continue;
             }
@@ -1344,9 +1419,8 @@ fn diagnose(
     }
 
     // no_response: queries that never got an answer.
-    let unanswered: Vec<&FinishedQuery> = queries
+    let unanswered: Vec<&LookupQuery> = queries
         .iter()
-        .map(|q| &**q)
         .filter(|q| q.outcome != Outcome::Answered)
         .collect();
     if !unanswered.is_empty() {
@@ -1472,6 +1546,20 @@ mod tests {
         }
     }
 
+    /// The record names the process, cgroup and pod of the query sent first, whichever
+    /// finished first.
+    #[test]
+    fn the_record_names_the_sender_of_the_first_query_sent() {
+        let mut later = query("x.example.", 28, 2, &[20 * MS], Some(21 * MS), Some(0));
+        later.sender.comm = Some("second".into());
+        let mut first = query("x.example.", 1, 1, &[10 * MS], Some(30 * MS), Some(0));
+        first.sender.comm = Some("first".into());
+        first.sender.cgroup_path = Some("/first".into());
+        let r = build_record(lookup("x.example.", vec![later, first]), &CFG);
+        assert_eq!(r.comm.as_deref(), Some("first"));
+        assert_eq!(r.cgroup_path.as_deref(), Some("/first"));
+    }
+
     fn lookup(name: &str, queries: Vec<FinishedQuery>) -> OpenLookup {
         let key = LookupKey {
             pid: Some(7),
@@ -1487,7 +1575,11 @@ mod tests {
         let first = queries.iter().map(|q| q.first_send_ns()).min().unwrap();
         let mut l = OpenLookup::new(key, 0, resolver, first);
         l.last_activity_ns = 0;
-        let expected = settled(&queries);
+        let kept: Vec<LookupQuery> = queries
+            .iter()
+            .map(|q| LookupQuery::split(q.clone()).0)
+            .collect();
+        let expected = settled(&kept);
         for q in queries {
             l.add(Box::new(q));
         }
@@ -1593,7 +1685,7 @@ mod tests {
         ];
         queries[0].answers = smallvec::smallvec!["10.1.2.3".into()];
         let l = lookup("a.example.", queries);
-        assert!(!settled(l.queries.iter().map(|q| &**q)));
+        assert!(!settled(&l.queries));
         let r = build_record(l, &CFG);
         assert_eq!(r.duration_ns, 5000 * MS);
         assert_eq!(r.final_rcode.as_deref(), Some("SERVFAIL"));
