@@ -20,18 +20,33 @@ use crate::{
 pub struct Sender {
     pub pid: Option<u32>,
     pub tid: Option<u32>,
+    pub cgroup_id: u64,
+    /// Shared by the queries of a thread: one reference to take per query rather than four,
+    /// on counters that a busy node's queries otherwise find out of the cache.
+    pub names: Arc<SenderNames>,
+    /// The lookup the query belongs to (`LookupTracker::query_started`), 0 for none.
+    pub lookup: crate::lookup::LookupId,
+}
+
+impl Sender {
+    /// The names to change, copied first when shared.
+    pub fn names_mut(&mut self) -> &mut SenderNames {
+        Arc::make_mut(&mut self.names)
+    }
+}
+
+/// What a sender's ids were resolved to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SenderNames {
     /// Name of the sending process (its thread group leader's comm). Shared with the cache it
     /// came from, like the other strings here: every query of a process carries the same.
     pub comm: Option<Arc<str>>,
     /// Comm of the sending thread, as the kernel saw it.
     pub thread_comm: Option<Arc<str>>,
-    pub cgroup_id: u64,
     /// Resolved while the cgroup still existed; `None` if it could not be.
     pub cgroup_path: Option<Arc<str>>,
     /// Pod and container (or host unit) the cgroup belongs to.
-    pub workload: Option<std::sync::Arc<crate::attribute::Workload>>,
-    /// The lookup the query belongs to (`LookupTracker::query_started`), 0 for none.
-    pub lookup: crate::lookup::LookupId,
+    pub workload: Option<Arc<crate::attribute::Workload>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -457,7 +472,7 @@ impl QueryTracker {
 pub mod fixtures {
     use std::sync::Arc;
 
-    use super::{FinishedQuery, Outcome, Sender};
+    use super::{FinishedQuery, Outcome, Sender, SenderNames};
     use crate::{
         attribute::{PodIdentity, Workload},
         decode::Transport,
@@ -503,11 +518,13 @@ pub mod fixtures {
             sender: Sender {
                 pid: Some(1),
                 tid: Some(1),
-                comm: Some("app".into()),
-                thread_comm: Some("app".into()),
                 cgroup_id: 1,
-                cgroup_path: Some("/kubepods/x".into()),
-                workload,
+                names: Arc::new(SenderNames {
+                    comm: Some("app".into()),
+                    thread_comm: Some("app".into()),
+                    cgroup_path: Some("/kubepods/x".into()),
+                    workload,
+                }),
                 lookup: 0,
             },
             drops: vec![],
@@ -562,11 +579,13 @@ mod tests {
         Sender {
             pid: p.pid,
             tid: p.tid,
-            comm: p.comm.map(|c| Arc::from(c.text())),
-            thread_comm: p.comm.map(|c| Arc::from(c.text())),
             cgroup_id: p.cgroup_id,
-            cgroup_path: Some("/test".into()),
-            workload: None,
+            names: Arc::new(SenderNames {
+                comm: p.comm.map(|c| Arc::from(c.text())),
+                thread_comm: p.comm.map(|c| Arc::from(c.text())),
+                cgroup_path: Some("/test".into()),
+                workload: None,
+            }),
             lookup: 0,
         }
     }

@@ -320,14 +320,17 @@ impl SenderText {
             last.pid == s.pid
                 && last.tid == s.tid
                 && last.cgroup_id == s.cgroup_id
-                && last.comm == s.comm
-                && last.thread_comm == s.thread_comm
-                && last.cgroup_path == s.cgroup_path
-                && match (&last.workload, &s.workload) {
-                    (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
-                    (None, None) => true,
-                    _ => false,
-                }
+                && (std::sync::Arc::ptr_eq(&last.names, &s.names) || {
+                    let (last, s) = (&*last.names, &*s.names);
+                    last.comm == s.comm
+                        && last.thread_comm == s.thread_comm
+                        && last.cgroup_path == s.cgroup_path
+                        && match (&last.workload, &s.workload) {
+                            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+                            (None, None) => true,
+                            _ => false,
+                        }
+                })
         });
         if !same {
             self.sender = None;
@@ -341,17 +344,18 @@ impl SenderText {
 }
 
 /// `,"pid":...` to `"host_unit"`, in the field order of the README.
-fn push_sender(out: &mut Vec<u8>, s: &Sender) -> Result<(), ExportError> {
+fn push_sender(out: &mut Vec<u8>, sender: &Sender) -> Result<(), ExportError> {
     out.extend_from_slice(lead!("pid"));
-    push_opt_num(out, s.pid);
+    push_opt_num(out, sender.pid);
     out.extend_from_slice(lead!("tid"));
-    push_opt_num(out, s.tid);
+    push_opt_num(out, sender.tid);
+    let s = &*sender.names;
     out.extend_from_slice(lead!("comm"));
     push_opt_str(out, s.comm.as_deref());
     out.extend_from_slice(lead!("thread_comm"));
     push_opt_str(out, s.thread_comm.as_deref());
     out.extend_from_slice(lead!("cgroup_id"));
-    push_num(out, s.cgroup_id);
+    push_num(out, sender.cgroup_id);
     out.extend_from_slice(lead!("cgroup_path"));
     push_opt_str(out, s.cgroup_path.as_deref());
     if let Some(workload) = s.workload.as_deref() {
@@ -826,8 +830,8 @@ fn who(comm: Option<&str>, pid: Option<u32>) -> String {
 
 fn text_line(q: &FinishedQuery, clock: &WallClock) -> String {
     let time_of_day = time_of_day(clock, q.first_send_ns());
-    let who = who(q.sender.comm.as_deref(), q.sender.pid);
-    let cgroup = q.sender.cgroup_path.as_deref().unwrap_or("?");
+    let who = who(q.sender.names.comm.as_deref(), q.sender.pid);
+    let cgroup = q.sender.names.cgroup_path.as_deref().unwrap_or("?");
     let result = match q.outcome {
         Outcome::Answered => format!(
             "{:<8} {:>10}",
@@ -951,11 +955,13 @@ mod tests {
             sender: Sender {
                 pid: Some(10),
                 tid: Some(11),
-                comm: Some("dig".into()),
-                thread_comm: Some("isc-net-0000".into()),
                 cgroup_id: 77,
-                cgroup_path: Some("/t".into()),
-                workload: None,
+                names: std::sync::Arc::new(crate::correlate::SenderNames {
+                    comm: Some("dig".into()),
+                    thread_comm: Some("isc-net-0000".into()),
+                    cgroup_path: Some("/t".into()),
+                    workload: None,
+                }),
                 lookup: 0,
             },
             drops: Vec::new(),
@@ -1011,11 +1017,11 @@ mod tests {
         let mut b = a.clone();
         b.sender.tid = Some(12);
         let mut c = b.clone();
-        c.sender.comm = Some("other".into());
+        c.sender.names_mut().comm = Some("other".into());
         let mut d = c.clone();
-        d.sender.workload = pod("web-0");
+        d.sender.names_mut().workload = pod("web-0");
         let mut e = d.clone();
-        e.sender.workload = pod("web-1");
+        e.sender.names_mut().workload = pod("web-1");
         let mut f = e.clone();
         f.client = "10.9.9.9:1234".parse().unwrap();
         f.server = "10.9.9.8:5353".parse().unwrap();
@@ -1106,10 +1112,10 @@ mod tests {
         q.qname = "we\"ird\\na\u{1}me\n\t.ünï.".into();
         q.client = "10.1.0.2:40000".parse().unwrap();
         q.server = "10.1.0.1:53".parse().unwrap();
-        q.sender.comm = Some("a\"b".into());
-        q.sender.thread_comm = None;
+        q.sender.names_mut().comm = Some("a\"b".into());
+        q.sender.names_mut().thread_comm = None;
         q.sender.pid = None;
-        q.sender.workload = Some(std::sync::Arc::new(Workload {
+        q.sender.names_mut().workload = Some(std::sync::Arc::new(Workload {
             pod: Some(PodIdentity {
                 namespace: Some("ns".into()),
                 name: Some("web-0".into()),

@@ -103,7 +103,7 @@ impl RecordFilter {
             && rcode_ok
             && outcome_ok
             && self.name_matches(&q.qname)
-            && self.pod_matches(q.sender.workload.as_deref())
+            && self.pod_matches(q.sender.names.workload.as_deref())
     }
 
     pub fn lookup(&self, l: &LookupRecord) -> bool {
@@ -220,19 +220,19 @@ mod tests {
             sender: Sender {
                 pid: None,
                 tid: None,
-                comm: None,
-                thread_comm: None,
                 cgroup_id: 1,
-                cgroup_path: None,
-                workload: Some(Arc::new(Workload {
-                    pod: Some(PodIdentity {
-                        namespace: Some(ns.into()),
-                        name: Some("web-1".into()),
-                        uid: "u".into(),
-                        qos: None,
-                    }),
+                names: Arc::new(crate::correlate::SenderNames {
+                    workload: Some(Arc::new(Workload {
+                        pod: Some(PodIdentity {
+                            namespace: Some(ns.into()),
+                            name: Some("web-1".into()),
+                            uid: "u".into(),
+                            qos: None,
+                        }),
+                        ..Default::default()
+                    })),
                     ..Default::default()
-                })),
+                }),
                 lookup: 0,
             },
             drops: vec![],

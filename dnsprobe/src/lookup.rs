@@ -820,7 +820,7 @@ impl LookupTracker {
         sender: &crate::correlate::Sender,
         out: &mut Vec<LookupRecord>,
     ) -> LookupId {
-        let cgroup_path = sender.cgroup_path.as_deref();
+        let cgroup_path = sender.names.cgroup_path.as_deref();
         let (key, resolver) = self.key_for(sender.pid, sender.cgroup_id, cgroup_path, qname);
         let key_hash = self.hasher.hash_one(&key);
         if let Some(id) = self.find_by_key(key_hash, &key) {
@@ -1080,10 +1080,10 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
         pid: lookup.key.pid,
         // The first query's, as its process and cgroup are the lookup's (the key): not kept in
         // the open lookup, which can be the only state of an unanswered query.
-        comm: sender.and_then(|s| s.comm.clone()),
+        comm: sender.and_then(|s| s.names.comm.clone()),
         cgroup_id: lookup.key.cgroup_id,
-        cgroup_path: sender.and_then(|s| s.cgroup_path.clone()),
-        workload: sender.and_then(|s| s.workload.clone()),
+        cgroup_path: sender.and_then(|s| s.names.cgroup_path.clone()),
+        workload: sender.and_then(|s| s.names.workload.clone()),
         resolver: lookup.resolver.clone(),
         diagnosis,
     }
@@ -1502,11 +1502,13 @@ mod tests {
         Sender {
             pid: Some(7),
             tid: Some(7),
-            comm: Some("gai-musl".into()),
-            thread_comm: Some("gai-musl".into()),
             cgroup_id: 99,
-            cgroup_path: Some("/pod".into()),
-            workload: None,
+            names: Arc::new(crate::correlate::SenderNames {
+                comm: Some("gai-musl".into()),
+                thread_comm: Some("gai-musl".into()),
+                cgroup_path: Some("/pod".into()),
+                workload: None,
+            }),
             lookup: 0,
         }
     }
@@ -1551,10 +1553,10 @@ mod tests {
     #[test]
     fn the_record_names_the_sender_of_the_first_query_sent() {
         let mut later = query("x.example.", 28, 2, &[20 * MS], Some(21 * MS), Some(0));
-        later.sender.comm = Some("second".into());
+        later.sender.names_mut().comm = Some("second".into());
         let mut first = query("x.example.", 1, 1, &[10 * MS], Some(30 * MS), Some(0));
-        first.sender.comm = Some("first".into());
-        first.sender.cgroup_path = Some("/first".into());
+        first.sender.names_mut().comm = Some("first".into());
+        first.sender.names_mut().cgroup_path = Some("/first".into());
         let r = build_record(lookup("x.example.", vec![later, first]), &CFG);
         assert_eq!(r.comm.as_deref(), Some("first"));
         assert_eq!(r.cgroup_path.as_deref(), Some("/first"));

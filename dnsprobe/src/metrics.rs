@@ -913,7 +913,7 @@ impl Metrics {
 
 impl Sink for Metrics {
     fn query(&mut self, q: &FinishedQuery) {
-        let pod = self.pod_id(q.sender.workload.as_deref());
+        let pod = self.pod_id(q.sender.names.workload.as_deref());
         let server = self.servers.get(q.server, self.epoch);
         let key = SeriesKey {
             pod,

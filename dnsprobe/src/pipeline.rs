@@ -9,6 +9,7 @@ use crate::{
     conntrack::{ConntrackWatch, NetfilterVerdict},
     correlate::{
         DropRecord, DroppedPacket, FinishedQuery, Observation, QueryTracker, RecentQueries, Sender,
+        SenderNames,
     },
     decode::{decode_event, read_event},
     drops::{decode_drop, read_drop_event, DropReasons, KernelSymbols},
@@ -199,7 +200,7 @@ impl Pipeline {
                         && last.pid == p.pid
                         && last.tid == p.tid
                         && last.cgroup_id == p.cgroup_id
-                        && last.thread_comm.as_deref() == thread.as_deref() =>
+                        && last.names.thread_comm.as_deref() == thread.as_deref() =>
                 {
                     last.clone()
                 }
@@ -215,15 +216,20 @@ impl Pipeline {
                     let sender = Sender {
                         pid: p.pid,
                         tid: p.tid,
-                        comm: comm.clone(),
-                        thread_comm: match (&comm, &thread) {
-                            // Most programs send from their main thread: share the one string.
-                            (Some(name), Some(thread)) if **name == **thread => Some(name.clone()),
-                            (_, thread) => thread.as_deref().map(Arc::from),
-                        },
                         cgroup_id: p.cgroup_id,
-                        cgroup_path,
-                        workload,
+                        names: Arc::new(SenderNames {
+                            comm: comm.clone(),
+                            thread_comm: match (&comm, &thread) {
+                                // Most programs send from their main thread: share the one
+                                // string.
+                                (Some(name), Some(thread)) if **name == **thread => {
+                                    Some(name.clone())
+                                }
+                                (_, thread) => thread.as_deref().map(Arc::from),
+                            },
+                            cgroup_path,
+                            workload,
+                        }),
                         lookup: 0,
                     };
                     *last_sender = Some((now, sender.clone()));
@@ -573,6 +579,7 @@ mod tests {
                 q.sender.pid,
                 q.sender.tid,
                 q.sender
+                    .names
                     .thread_comm
                     .as_deref()
                     .unwrap_or_default()

@@ -474,9 +474,9 @@ impl TopState {
             Outcome::Unanswered | Outcome::Dropped => None,
         };
         let source = self.source_id(
-            q.sender.workload.as_deref(),
-            q.sender.cgroup_path.as_deref(),
-            q.sender.comm.as_deref(),
+            q.sender.names.workload.as_deref(),
+            q.sender.names.cgroup_path.as_deref(),
+            q.sender.names.comm.as_deref(),
         );
         let name = self.name_id(&q.qname);
         let bucket = self.current_bucket();
@@ -1232,7 +1232,7 @@ mod tests {
             Some(1),
             Some(0),
         );
-        host.sender.comm = Some("kubelet".into());
+        host.sender.names_mut().comm = Some("kubelet".into());
         state.query(&host);
         let unnamed = Some(Arc::new(Workload {
             pod: Some(PodIdentity {
@@ -1254,7 +1254,7 @@ mod tests {
             Some(1),
             Some(0),
         );
-        shell.sender.comm = Some("dig".into());
+        shell.sender.names_mut().comm = Some("dig".into());
         state.query(&shell);
         let mut labels: Vec<String> = state.view().sources.into_iter().map(|r| r.label).collect();
         labels.sort();
