@@ -464,6 +464,44 @@ fn start_unbound(w: &World, dir: &Path) -> Result<Proc> {
     }
 }
 
+/// What a process has used of the CPU so far.
+#[derive(Debug, Clone, Copy)]
+struct CpuUse {
+    /// user+sys clock ticks of all its threads, from /proc/<pid>/stat.
+    ticks: u64,
+    /// Nanoseconds on a CPU of its live threads, from /proc/<pid>/task/*/schedstat.
+    run_ns: u64,
+}
+
+fn cpu_use(pid: i32) -> Result<CpuUse> {
+    Ok(CpuUse {
+        ticks: cpu_ticks(pid)?,
+        run_ns: run_ns(pid)?,
+    })
+}
+
+/// The scheduler's own count of time on a CPU, summed over the threads: exact, where user+sys
+/// is sampled at each timer tick (this kernel has tick-based accounting, `HZ=250`), so that a
+/// daemon that runs in short bursts is charged whole ticks or nothing.
+fn run_ns(pid: i32) -> Result<u64> {
+    let mut total = 0u64;
+    for task in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path().join("schedstat");
+        // A thread that ended since the listing has nothing more to add.
+        let Ok(text) = fs::read_to_string(&path) else {
+            continue;
+        };
+        let ns: u64 = text
+            .split_whitespace()
+            .next()
+            .with_context(|| format!("empty {}", path.display()))?
+            .parse()
+            .with_context(|| format!("odd {}", path.display()))?;
+        total += ns;
+    }
+    Ok(total)
+}
+
 /// user+sys clock ticks of a process (all its threads) from /proc/<pid>/stat.
 fn cpu_ticks(pid: i32) -> Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -553,6 +591,8 @@ struct ObsResult {
     lost: u64,
     evicted: u64,
     cpu_s: f64,
+    /// On-CPU seconds from schedstat (see `run_ns`).
+    run_s: f64,
     rss_kib: u64,
 }
 
@@ -594,13 +634,14 @@ fn start_observer(kind: Observer, w: &World, daemon: &Path) -> Result<Option<Run
 }
 
 /// Stops the observer and reads its counts; `t0` is its CPU ticks before the load window.
-fn finish_observer(mut r: Running, t0: u64) -> Result<ObsResult> {
+fn finish_observer(mut r: Running, t0: CpuUse) -> Result<ObsResult> {
     let pid = r.proc.pid();
-    let t1 = cpu_ticks(pid)?;
+    let t1 = cpu_use(pid)?;
     let rss = peak_rss_kib(pid)?;
     let st = r.proc.stop()?;
     let mut res = ObsResult {
-        cpu_s: (t1.saturating_sub(t0)) as f64 / clk_tck(),
+        cpu_s: (t1.ticks.saturating_sub(t0.ticks)) as f64 / clk_tck(),
+        run_s: (t1.run_ns.saturating_sub(t0.run_ns)) as f64 / 1e9,
         rss_kib: rss,
         ..Default::default()
     };
@@ -746,13 +787,16 @@ fn part1(
             );
             let running = start_observer(kind, w, daemon)?;
             let t0 = match &running {
-                Some(r) => cpu_ticks(r.proc.pid())?,
-                None => 0,
+                Some(r) => Some(cpu_use(r.proc.pid())?),
+                None => None,
             };
             let perf = dnsperf(w, qfile, secs, rate, clients)?;
             // Let the observer drain what the last answers produced.
             sleep(Duration::from_millis(500))?;
-            let obs = running.map(|r| finish_observer(r, t0)).transpose()?;
+            let obs = running
+                .zip(t0)
+                .map(|(r, t0)| finish_observer(r, t0))
+                .transpose()?;
             if kind == Observer::None {
                 base_qps = perf.qps;
             }
@@ -775,12 +819,14 @@ fn part1(
         out,
         "Cell length {secs} s, {clients} dnsperf clients, unbound with 1 thread. `reported`: \
          dnsprobe's `queries=` (tcpdump: packets captured, i.e. queries + responses); `lost`: \
-         dnsprobe's `lost_events=` (tcpdump: packets dropped by kernel).\n"
+         dnsprobe's `lost_events=` (tcpdump: packets dropped by kernel); `cpu µs/q`: user+sys \
+         from /proc/<pid>/stat, sampled at each timer tick, which the target is judged on; \
+         `run µs/q`: the scheduler's exact on-CPU time (schedstat) of the same window.\n"
     );
     let _ = writeln!(out, "```");
     let _ = writeln!(
         out,
-        "{:>5} {:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>8} {:>6}  verdicts",
+        "{:>5} {:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>8} {:>6}  verdicts",
         "rate",
         "observer",
         "sent",
@@ -790,21 +836,24 @@ fn part1(
         "answered",
         "lost",
         "cpu µs/q",
+        "run µs/q",
         "rss MiB",
         "ratio"
     );
     let _ = writeln!(
         out,
-        "{:>5} {:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>8} {:>6}",
-        "", "", "(dnsperf)", "(dnsperf)", "(dnsperf)", "(obs)", "(obs)", "(obs)", "", "", ""
+        "{:>5} {:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>8} {:>6}",
+        "", "", "(dnsperf)", "(dnsperf)", "(dnsperf)", "(obs)", "(obs)", "(obs)", "", "", "", ""
     );
     for r in &rows {
-        let (rep, ans, lost, cpu, rss) = match &r.obs {
+        let (rep, ans, lost, cpu, run, rss) = match &r.obs {
             Some(o) => {
-                let cpu_us = if r.perf.completed > 0 {
-                    o.cpu_s * 1e6 / r.perf.completed as f64
-                } else {
-                    f64::NAN
+                let per_query = |s: f64| {
+                    if r.perf.completed > 0 {
+                        s * 1e6 / r.perf.completed as f64
+                    } else {
+                        f64::NAN
+                    }
                 };
                 (
                     o.reported.to_string(),
@@ -814,11 +863,19 @@ fn part1(
                         "-".into()
                     },
                     o.lost.to_string(),
-                    format!("{cpu_us:.2}"),
+                    format!("{:.2}", per_query(o.cpu_s)),
+                    format!("{:.2}", per_query(o.run_s)),
                     format!("{:.1}", o.rss_kib as f64 / 1024.0),
                 )
             }
-            None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
+            None => (
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ),
         };
         let mut verdicts = Vec::new();
         if let (Observer::Dnsprobe, Some(o)) = (r.kind, &r.obs) {
@@ -834,7 +891,7 @@ fn part1(
         }
         let _ = writeln!(
             out,
-            "{:>5} {:<9} {:>9} {:>9} {:>9.0} {:>9} {:>9} {:>6} {:>9} {:>8} {:>6.3}  {}",
+            "{:>5} {:<9} {:>9} {:>9} {:>9.0} {:>9} {:>9} {:>6} {:>9} {:>9} {:>8} {:>6.3}  {}",
             rate_label(r.rate),
             r.kind.label(),
             r.perf.sent,
@@ -844,6 +901,7 @@ fn part1(
             ans,
             lost,
             cpu,
+            run,
             rss,
             r.ratio,
             verdicts.join(", ")
@@ -898,7 +956,7 @@ fn part3(w: &World, daemon: &Path, out: &mut String) -> Result<()> {
             extra.extend(["--max-inflight", c.as_str()]);
         }
         let r = start_dnsprobe(daemon, &extra)?;
-        let t0 = cpu_ticks(r.proc.pid())?;
+        let t0 = cpu_use(r.proc.pid())?;
         let mut flood_cmd = w.exec(&w.cli, "python3");
         flood_cmd.args([
             "-c",
@@ -1600,6 +1658,8 @@ fn part2(w: &World, daemon: &Path, secs: u64, out: &mut String) -> Result<()> {
         };
         // (without, with) per pair.
         let mut pairs = Vec::new();
+        // The daemon's share of one CPU in each cell with it.
+        let mut daemon_cpu = Vec::new();
         for pair in 0..PART2_PAIRS {
             let mut cell = |with_daemon: bool| -> Result<f64> {
                 let n = pair + 1;
@@ -1612,7 +1672,14 @@ fn part2(w: &World, daemon: &Path, secs: u64, out: &mut String) -> Result<()> {
                 eprintln!("xtask: bench: part 2: {label} with dnsprobe, pair {n} ({secs} s)");
                 let mut d =
                     start_dnsprobe(daemon, &["--query-timeout", "2s", "--stats-interval", "0s"])?;
+                let t0 = cpu_use(d.proc.pid())?;
+                let started = Instant::now();
                 let with = iperf(w, secs, udp64)?;
+                let t1 = cpu_use(d.proc.pid())?;
+                daemon_cpu.push(
+                    t1.run_ns.saturating_sub(t0.run_ns) as f64
+                        / started.elapsed().as_nanos().max(1) as f64,
+                );
                 if udp64 && pair + 1 == PART2_PAIRS {
                     eprintln!(
                         "xtask: bench: part 2: {label} with dnsprobe and the floor, bpf_stats on \
@@ -1638,7 +1705,7 @@ fn part2(w: &World, daemon: &Path, secs: u64, out: &mut String) -> Result<()> {
         } else {
             TARGET_TCP_RATIO
         };
-        rows.push((label, pairs, target));
+        rows.push((label, pairs, target, median(&daemon_cpu)));
     }
     drop(server);
     let _ = writeln!(out, "## 2. Cost to traffic that is not DNS\n");
@@ -1647,15 +1714,16 @@ fn part2(w: &World, daemon: &Path, secs: u64, out: &mut String) -> Result<()> {
         "iperf3 client namespace -> server namespace, {secs} s per cell, {PART2_PAIRS} pairs of \
          cells (without, with dnsprobe; the order alternating). `without` and `with` are the \
          medians of the cells, `ratio` the median of the pairs' ratios, which the verdict \
-         judges; `pairs` lists every pair's ratio.\n"
+         judges; `pairs` lists every pair's ratio; `daemon` is the daemon's own time on a CPU \
+         during the cells with it (schedstat; the median, in % of one CPU).\n"
     );
     let _ = writeln!(out, "```");
     let _ = writeln!(
         out,
-        "{:<18} {:>12} {:>12} {:>7}  {:<23} verdict",
-        "traffic", "without", "with", "ratio", "pairs"
+        "{:<18} {:>12} {:>12} {:>7}  {:<23} {:>7}  verdict",
+        "traffic", "without", "with", "ratio", "pairs", "daemon"
     );
-    for (label, pairs, target) in rows {
+    for (label, pairs, target, daemon_cpu) in rows {
         let ratios: Vec<f64> = pairs
             .iter()
             .map(|&(base, with)| if base > 0.0 { with / base } else { 0.0 })
@@ -1670,7 +1738,8 @@ fn part2(w: &World, daemon: &Path, secs: u64, out: &mut String) -> Result<()> {
             .join(" ");
         let _ = writeln!(
             out,
-            "{label:<18} {base:>12.2} {with:>12.2} {ratio:>7.3}  {listed:<23} >= {target}: {}",
+            "{label:<18} {base:>12.2} {with:>12.2} {ratio:>7.3}  {listed:<23} {:>6.2}%  >= {target}: {}",
+            daemon_cpu * 100.0,
             verdict(ratio >= target)
         );
     }
@@ -1752,7 +1821,7 @@ fn part4(
     );
     let mut r = start_dnsprobe(daemon, &["--query-timeout", "2s", "--stats-interval", "0s"])?;
     let pid = r.proc.pid();
-    let t0 = cpu_ticks(pid)?;
+    let t0 = cpu_use(pid)?;
     let start = Instant::now();
     let mut samples = vec![(Duration::ZERO, status_kib(pid, "VmRSS")?)];
     let mut perf = spawn_dnsperf(w, qfile, secs, Some(SOAK_RATE), clients)?;
