@@ -31,18 +31,12 @@ use dnsprobe::{
 
 /// Events handled per wake-up before timers get a turn.
 const DRAIN_BATCH: usize = 4096;
-/// After the ring is drained empty, how long to let events gather before waiting on it again.
-/// Every wake-up costs two context switches, an epoll round and a flush (a write); at a
-/// thousand queries a second that cost exceeded the work on the queries themselves (5 ms here
-/// cost 9 µs of CPU per query at 1,000 queries/s, 20 ms 6 µs). Timestamps come from the
-/// kernel, so delaying the reading changes no measurement, only when records are written. At
-/// 200,000 events/s this much fills about 0.9 MiB of the default 4 MiB ring with queries and
-/// short answers (232-byte records), which overflows within one pause only above about
-/// 900,000 such events/s; with answers over 256 bytes only (616-byte records), above about
-/// 340,000: more than the daemon keeps up with anyway (a smaller `--ring-buffer-size` lowers
-/// both).
-const RING_COALESCE: Duration = Duration::from_millis(20);
-/// How often pending queries are checked for timeouts and output is flushed.
+/// How often pending queries are checked for timeouts and output is flushed, and the rings are
+/// read when nothing woke the daemon before. The kernel wakes it only once an eighth of the
+/// event ring waits (`WAKEUP_FRACTION` in the programs): every wake-up costs two context
+/// switches, an epoll round and a flush, which at a few thousand queries a second exceeded the
+/// work on the queries themselves. Timestamps come from the kernel, so reading later changes no
+/// measurement, only when records are written (within this tick).
 const TICK: Duration = Duration::from_millis(100);
 /// How often the conntrack counters of every namespace are re-read as a baseline.
 const CONNTRACK_BASELINE_EVERY: Duration = Duration::from_secs(10);
@@ -318,11 +312,8 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
             _ = top::ended(ui.as_ref()) => { info!("live view closed: stopping"); break; }
             guard = ring.readable_mut() => {
                 let guard = guard.context("waiting on the ring buffer")?;
-                let emptied = drain_batch(guard, |item| pipeline.handle_record(item));
+                drain_batch(guard, |item| pipeline.handle_record(item));
                 pipeline.flush();
-                if emptied {
-                    tokio::time::sleep(RING_COALESCE).await;
-                }
             }
             guard = readable(&mut drop_ring) => {
                 let guard = guard.context("waiting on the drop ring buffer")?;
@@ -419,12 +410,11 @@ fn drain_all(pipeline: &mut Pipeline, ring: &mut Ring, drop_ring: &mut Option<Ri
 }
 
 /// Hands at most `DRAIN_BATCH` ring-buffer records to `handle`; the ring stays marked ready
-/// when more are left, so timers get a turn without anything being left behind. Returns
-/// whether the ring was emptied.
+/// when more are left, so timers get a turn without anything being left behind.
 fn drain_batch(
     mut guard: tokio::io::unix::AsyncFdReadyMutGuard<'_, aya::maps::RingBuf<aya::maps::MapData>>,
     mut handle: impl FnMut(&[u8]),
-) -> bool {
+) {
     let _clock = dnsprobe::coarse::freeze();
     let rb = guard.get_inner_mut();
     let mut handled = 0;
@@ -435,9 +425,7 @@ fn drain_batch(
     }
     if handled < DRAIN_BATCH {
         guard.clear_ready();
-        return true;
     }
-    false
 }
 
 /// Waits until the drop ring has data; never, when drops are not captured.
