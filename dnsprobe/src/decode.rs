@@ -9,12 +9,11 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
+use crate::qname::WIRE_NAME_MAX;
 use dnsprobe_common::{
     DnsEventHeader, DIR_EGRESS, DIR_INGRESS, DNS_CAPTURE_LEN, DNS_EVENT_HEADER_LEN, FAMILY_IPV4,
     FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
 };
-use std::hash::BuildHasher as _;
-
 use hickory_proto::{
     op::Message,
     rr::{RData, RecordType},
@@ -546,56 +545,30 @@ thread_local! {
     static NAME_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The question name of a message (it starts at offset 12) and the offset just past it.
-///
-/// A name is nearly always one asked a moment ago: a response repeats its query's question,
-/// and clients ask the same names again and again. So a name written without compression
-/// pointers (as question names are) is first looked up by its exact wire bytes, which decide
-/// its text: spelling it out, checking it is text and hashing it were half the cost of
-/// decoding a message.
+/// The question name of a message (it starts at offset 12) and the offset just past it. A
+/// name written without compression pointers (as question names are) is looked up by its wire
+/// bytes first (`QName::from_wire`).
 fn question_name(bytes: &[u8]) -> Result<(crate::qname::QName, usize), DecodeError> {
-    let Some(end) = plain_name_end(bytes, 12) else {
-        return spell_question_name(bytes);
+    let spell = || {
+        NAME_SCRATCH.with_borrow_mut(|scratch| {
+            let end = read_name_into(bytes, 12, scratch)?;
+            let text = std::str::from_utf8(scratch)
+                .map_err(|_| DecodeError::BadQuestion("name is not text"))?;
+            Ok((crate::qname::QName::new(text), end))
+        })
     };
-    let wire = &bytes[12..end];
-    let slot = (WIRE_NAME_HASHER.hash_one(wire) % WIRE_NAME_SLOTS as u64) as usize;
-    if let Some(name) = WIRE_NAMES.with_borrow(|slots| {
-        slots
-            .get(slot)
-            .and_then(Option::as_ref)
-            .filter(|known| known.wire() == wire)
-            .map(|known| known.name.clone())
-    }) {
-        return Ok((name, end));
-    }
-    let (name, end) = spell_question_name(bytes)?;
-    WIRE_NAMES.with_borrow_mut(|slots| {
-        if slots.is_empty() {
-            slots.resize_with(WIRE_NAME_SLOTS, || None);
+    match plain_name_end(bytes, 12) {
+        Some(end) => {
+            let name = crate::qname::QName::from_wire(&bytes[12..end], || spell().map(|(n, _)| n))?;
+            Ok((name, end))
         }
-        let mut known = WireName {
-            len: wire.len() as u8,
-            wire: [0; WIRE_NAME_MAX],
-            name: name.clone(),
-        };
-        known.wire[..wire.len()].copy_from_slice(wire);
-        slots[slot] = Some(known);
-    });
-    Ok((name, end))
-}
-
-/// The question name spelled out from its labels.
-fn spell_question_name(bytes: &[u8]) -> Result<(crate::qname::QName, usize), DecodeError> {
-    NAME_SCRATCH.with_borrow_mut(|scratch| {
-        let end = read_name_into(bytes, 12, scratch)?;
-        let text = std::str::from_utf8(scratch)
-            .map_err(|_| DecodeError::BadQuestion("name is not text"))?;
-        Ok((crate::qname::QName::recent(text), end))
-    })
+        None => spell(),
+    }
 }
 
 /// The end of the name at `start` when it has no compression pointer and its wire form fits
-/// in a [`WireName`]; `None` otherwise (and for anything malformed, left to `read_name_into`).
+/// in `QName::from_wire`'s cache; `None` otherwise (and for anything malformed, left to
+/// `read_name_into`).
 fn plain_name_end(bytes: &[u8], start: usize) -> Option<usize> {
     let mut pos = start;
     loop {
@@ -611,32 +584,6 @@ fn plain_name_end(bytes: &[u8], start: usize) -> Option<usize> {
             return None;
         }
     }
-}
-
-const WIRE_NAME_SLOTS: usize = 512;
-const WIRE_NAME_MAX: usize = 64;
-
-/// A question name's wire bytes and its decoded form.
-struct WireName {
-    len: u8,
-    wire: [u8; WIRE_NAME_MAX],
-    name: crate::qname::QName,
-}
-
-impl WireName {
-    fn wire(&self) -> &[u8] {
-        &self.wire[..usize::from(self.len)]
-    }
-}
-
-/// Fixed, not seeded: a sender that makes names collide here only sends them down the slow
-/// path, which every name took before.
-static WIRE_NAME_HASHER: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5eed);
-
-thread_local! {
-    /// Direct-mapped, so a lookup is one compare; filled on first use.
-    static WIRE_NAMES: std::cell::RefCell<Vec<Option<WireName>>> =
-        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Returns the name in presentation form and the offset just past it in the message.
@@ -836,9 +783,9 @@ mod tests {
         }
         messages.push(message(&[b"a.b", b"\\", &[0, 0xff, b' ']]));
         // Longer than the wire cache holds, and exactly as long.
-        messages.push(message(&[&[b'x'; 63]]));
-        messages.push(message(&[&[b'y'; 61]]));
-        messages.push(message(&[&[b'z'; 62]]));
+        messages.push(message(&[&[b'x'; 63], &[b'x'; 63]]));
+        messages.push(message(&[&[b'y'; 63], &[b'y'; 61]]));
+        messages.push(message(&[&[b'z'; 63], &[b'z'; 62]]));
         // Twice over, so that the second round finds what the first one stored.
         for msg in messages.iter().chain(&messages) {
             let decoded = decode_message(msg, false).unwrap();

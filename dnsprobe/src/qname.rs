@@ -30,35 +30,69 @@ impl QName {
         }
     }
 
-    /// Like [`Self::new`], but a name spelled exactly as one decoded lately (in this thread)
-    /// shares its text instead of allocating it again: a response, a resend and a busy
-    /// client's next queries carry the name of a query just seen.
-    pub fn recent(text: &str) -> Self {
-        let hash = caseless_hash(text.as_bytes());
-        RECENT_NAMES.with_borrow_mut(|slots| {
-            let slot = &mut slots[(hash % RECENT_NAME_SLOTS as u64) as usize];
-            match slot {
-                // The case too: a name is shown as it was sent.
-                Some(name) if name.hash == hash && *name.text == *text => name.clone(),
-                _ => {
-                    let name = Self {
-                        text: text.into(),
-                        hash,
-                    };
-                    *slot = Some(name.clone());
-                    name
-                }
+    /// The name whose wire form (labels, no compression pointer) is `wire`, spelled out by
+    /// `spell` unless one with these very bytes was decoded lately in this thread: a response,
+    /// a resend and a busy client's next queries carry the name of a query just seen, and the
+    /// wire bytes decide the text, case and escapes included. Spelling a name out, checking it
+    /// is text and hashing it were half the cost of decoding a message. Names too long for the
+    /// cache are spelled out every time.
+    pub fn from_wire<E>(wire: &[u8], spell: impl FnOnce() -> Result<Self, E>) -> Result<Self, E> {
+        if wire.len() > WIRE_NAME_MAX {
+            return spell();
+        }
+        let slot = (WIRE_NAME_HASHER.hash_one(wire) % WIRE_NAME_SLOTS as u64) as usize;
+        if let Some(name) = WIRE_NAMES.with_borrow(|slots| {
+            slots
+                .get(slot)
+                .and_then(Option::as_ref)
+                .filter(|known| known.wire() == wire)
+                .map(|known| known.name.clone())
+        }) {
+            return Ok(name);
+        }
+        let name = spell()?;
+        WIRE_NAMES.with_borrow_mut(|slots| {
+            if slots.is_empty() {
+                slots.resize_with(WIRE_NAME_SLOTS, || None);
             }
-        })
+            let mut known = WireName {
+                len: wire.len() as u8,
+                wire: [0; WIRE_NAME_MAX],
+                name: name.clone(),
+            };
+            known.wire[..wire.len()].copy_from_slice(wire);
+            slots[slot] = Some(known);
+        });
+        Ok(name)
     }
 }
 
-const RECENT_NAME_SLOTS: usize = 256;
+/// The longest wire form [`QName::from_wire`] keeps: search-list expansions of pod names
+/// (`name.namespace.svc.cluster.local.` after the name) fit with room to spare.
+pub const WIRE_NAME_MAX: usize = 128;
+const WIRE_NAME_SLOTS: usize = 256;
+
+/// A name's wire bytes and its decoded form.
+struct WireName {
+    len: u8,
+    wire: [u8; WIRE_NAME_MAX],
+    name: QName,
+}
+
+impl WireName {
+    fn wire(&self) -> &[u8] {
+        &self.wire[..usize::from(self.len)]
+    }
+}
+
+/// Fixed, not seeded: a sender that makes names collide here only sends them down the slow
+/// path of spelling them out.
+static WIRE_NAME_HASHER: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5eed);
 
 thread_local! {
-    /// The last name decoded of each hash bucket. Direct-mapped, so a lookup is one compare.
-    static RECENT_NAMES: std::cell::RefCell<[Option<QName>; RECENT_NAME_SLOTS]> =
-        const { std::cell::RefCell::new([const { None }; RECENT_NAME_SLOTS]) };
+    /// Direct-mapped, so a lookup is one compare; filled on first use.
+    static WIRE_NAMES: std::cell::RefCell<Vec<Option<WireName>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl From<&str> for QName {
@@ -179,18 +213,6 @@ mod tests {
         assert_eq!(&*a, "WWW.Example.COM.", "the text keeps its case");
         assert_ne!(a, QName::new("www.example.org."));
         assert_ne!(hash_of(&a), hash_of(&QName::new("www.example.org.")));
-    }
-
-    #[test]
-    fn recent_names_share_their_text_only_when_spelled_the_same() {
-        let a = QName::recent("www.example.com.");
-        let b = QName::recent("www.example.com.");
-        assert_eq!(a.as_ptr(), b.as_ptr(), "the same spelling is shared");
-        let upper = QName::recent("WWW.example.com.");
-        assert_eq!(upper, a, "equal without case");
-        assert_eq!(&*upper, "WWW.example.com.", "but shown as sent");
-        assert_ne!(upper.as_ptr(), a.as_ptr());
-        assert_eq!(&*QName::recent("www.example.com."), "www.example.com.");
     }
 
     #[test]
