@@ -308,29 +308,19 @@ impl Ipv4Text {
 /// through serde for every one.
 #[derive(Default)]
 struct SenderText {
-    /// Holds the workload that `text` was written for, so that its address, compared below,
-    /// cannot be reused by another one.
     sender: Option<Sender>,
     text: Vec<u8>,
 }
 
 impl SenderText {
     fn push(&mut self, out: &mut Vec<u8>, s: &Sender) -> Result<(), ExportError> {
+        // Everything but the lookup, which the record does not show. Names shared with the
+        // last sender compare by address.
         let same = self.sender.as_ref().is_some_and(|last| {
             last.pid == s.pid
                 && last.tid == s.tid
                 && last.cgroup_id == s.cgroup_id
-                && (std::sync::Arc::ptr_eq(&last.names, &s.names) || {
-                    let (last, s) = (&*last.names, &*s.names);
-                    last.comm == s.comm
-                        && last.thread_comm == s.thread_comm
-                        && last.cgroup_path == s.cgroup_path
-                        && match (&last.workload, &s.workload) {
-                            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
-                            (None, None) => true,
-                            _ => false,
-                        }
-                })
+                && last.names == s.names
         });
         if !same {
             self.sender = None;
