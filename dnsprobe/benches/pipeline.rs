@@ -118,11 +118,22 @@ fn record(
     out.push(bytes.to_vec());
 }
 
-/// Queries from 4 sockets of one process over 64 names, each answered 200 µs later.
+/// Queries from 4 sockets of one process over 64 names, each answered 200 µs later, at
+/// 100,000 queries/s: a name is asked again before its lookup closes, so lookups are few.
 fn dnsperf_like(queries: usize) -> Vec<Vec<u8>> {
+    dnsperf_at(queries, 10_000)
+}
+
+/// The same at 1,000 queries/s: a name is asked again only after its lookup closed, so every
+/// query is a lookup of its own and gets a lookup record (what `xtask bench` sees at 1k/s).
+fn dnsperf_paced(queries: usize) -> Vec<Vec<u8>> {
+    dnsperf_at(queries, 1_000_000)
+}
+
+fn dnsperf_at(queries: usize, interval_ns: u64) -> Vec<Vec<u8>> {
     let mut out = Vec::with_capacity(queries * 2);
     for i in 0..queries {
-        let ts = 1_000_000_000 + i as u64 * 10_000;
+        let ts = 1_000_000_000 + i as u64 * interval_ns;
         let socket = (i % 4) as u64;
         let id = (i / 4) as u16;
         let name = format!("name{}.bench.test.", i % 64);
@@ -259,19 +270,21 @@ fn main() {
         .unwrap_or(400_000);
     let missing = std::env::temp_dir().join("dnsprobe-bench-missing-dir");
     println!(
-        "{:<14} {:>10} {:>12} {:>12} {:>8} {:>14} {:>12}",
+        "{:<14} {:>10} {:>12} {:>12} {:>8} {:>14} {:>12} {:>10}",
         "traffic",
         "queries",
         "decode ns/q",
         "full ns/q",
         "ratio",
         "decode allocs/q",
-        "full allocs/q"
+        "full allocs/q",
+        "lookups/q"
     );
-    // DNSPROBE_BENCH_SHAPE=dnsperf-like (or resolver-like) runs one shape, for `perf record`.
+    // DNSPROBE_BENCH_SHAPE=dnsperf-like (or another shape's name) runs one shape, for `perf record`.
     let only = std::env::var("DNSPROBE_BENCH_SHAPE").ok();
-    let shapes: [(&str, MakeRecords); 2] = [
+    let shapes: [(&str, MakeRecords); 3] = [
         ("dnsperf-like", dnsperf_like),
+        ("dnsperf-paced", dnsperf_paced),
         ("resolver-like", resolver_like),
     ];
     for (name, make) in shapes {
@@ -286,7 +299,7 @@ fn main() {
         });
         let mut pipeline = Pipeline::offline(&missing);
         let (full, full_allocs) = per_query(&records, queries, |rs| {
-            // The daemon's 100 ms tick, in the records' own clock.
+            // The daemon's tick (`--flush-interval`, 1 s by default), in the records' own clock.
             let mut next_tick = 0;
             // The daemon reads the ring in batches of at most 4096 records, each with one clock
             // reading for its caches.
@@ -297,7 +310,7 @@ fn main() {
                     if ts >= next_tick {
                         pipeline.expire_at(ts);
                         pipeline.flush();
-                        next_tick = ts + 100_000_000;
+                        next_tick = ts + 1_000_000_000;
                     }
                     pipeline.handle_record(r);
                 }
@@ -311,8 +324,9 @@ fn main() {
             "{name}: not every query was answered"
         );
         println!(
-            "{name:<14} {queries:>10} {decode:>12.0} {full:>12.0} {:>8.2} {decode_allocs:>14.1} {full_allocs:>12.1}",
-            full / decode
+            "{name:<14} {queries:>10} {decode:>12.0} {full:>12.0} {:>8.2} {decode_allocs:>14.1} {full_allocs:>12.1} {:>10.2}",
+            full / decode,
+            pipeline.lookups.stats().lookups as f64 / queries as f64
         );
     }
     if only.as_deref().is_none_or(|o| o == "unanswered") {

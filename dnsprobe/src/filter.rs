@@ -112,8 +112,8 @@ impl RecordFilter {
             .is_none_or(|min| u128::from(l.duration_ns) >= min.as_nanos());
         let rcode_ok = self.rcodes.is_empty()
             || l.final_rcode
-                .as_ref()
-                .is_some_and(|r| self.rcodes.contains(r));
+                .as_deref()
+                .is_some_and(|r| self.rcodes.iter().any(|want| want == r));
         // A lookup has no outcome of its own: it is "answered" when it got a final answer.
         let outcome = if l.final_rcode.is_some() {
             Outcome::Answered

@@ -7,6 +7,7 @@
 //! process has asked nothing more about the name for `idle`.
 
 use std::{
+    borrow::Cow,
     collections::VecDeque,
     fs,
     net::SocketAddr,
@@ -24,7 +25,10 @@ use std::hash::BuildHasher as _;
 use crate::{
     correlate::{DropRecord, FinishedQuery, Outcome, SendTimes, Sender},
     decode::Answers,
-    decode::{qtype_name, rcode_name, Transport, RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_SERVFAIL},
+    decode::{
+        qtype_name, rcode_mnemonic, rcode_name, Transport, RCODE_NOERROR, RCODE_NXDOMAIN,
+        RCODE_SERVFAIL,
+    },
     qname::{CaselessPrefix, QName},
 };
 
@@ -525,6 +529,12 @@ impl OpenLookup {
         self.key.name.as_str()
     }
 
+    /// The queries of search-list expansions of the name rather than of the name itself.
+    fn expansions(&self) -> impl Iterator<Item = &LookupQuery> {
+        let name = self.name();
+        self.queries.iter().filter(move |q| is_expansion(name, q))
+    }
+
     /// Adds a finished query, keeping `questions` and `settled` up to date.
     fn add(&mut self, query: Box<FinishedQuery>) {
         let (query, sender) = LookupQuery::split(*query);
@@ -595,12 +605,13 @@ pub struct Diagnosis {
 pub struct LookupRecord {
     pub event: &'static str,
     pub time_ns: u64,
-    pub name: String,
+    /// In lower case.
+    pub name: Arc<str>,
     pub duration_ns: u64,
     pub queries: usize,
     pub search_expansions: usize,
-    pub final_rcode: Option<String>,
-    pub answers: Vec<crate::decode::Answer>,
+    pub final_rcode: Option<Cow<'static, str>>,
+    pub answers: Answers,
     pub pid: Option<u32>,
     pub comm: Option<Arc<str>>,
     pub cgroup_id: u64,
@@ -989,9 +1000,6 @@ fn is_expansion(lookup_name: &str, q: &LookupQuery) -> bool {
 fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
     let end_ns = lookup_end_ns(&lookup, cfg.query_timeout_ns);
     let queries = &lookup.queries;
-    // One pass: comparing names is most of a long lookup's cost at its end.
-    let (expansions, own): (Vec<&LookupQuery>, Vec<&LookupQuery>) =
-        queries.iter().partition(|q| is_expansion(lookup.name(), q));
     // The decisive answer: the last one that carried data, else the last response of all.
     let with_answers = queries
         .iter()
@@ -1002,9 +1010,10 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
         .filter(|q| q.response_ts_ns.is_some())
         .max_by_key(|q| q.response_ts_ns);
     let final_query = with_answers.or(last_response);
-    let final_name = final_query.map(|q| q.qname.to_ascii_lowercase());
-    let mut answers: Vec<crate::decode::Answer> = Vec::new();
-    if let Some(final_name) = &final_name {
+    // Compared without case wherever it is used.
+    let final_name = final_query.map(|q| &*q.qname);
+    let mut answers = Answers::new();
+    if let Some(final_name) = final_name {
         for q in queries
             .iter()
             .filter(|q| q.qname.eq_ignore_ascii_case(final_name) && q.rcode == Some(RCODE_NOERROR))
@@ -1022,7 +1031,7 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
     // A failure the resolver never asked again about, next to an answer of another type, is
     // one it accepted (glibc returns the A answer when AAAA fails); one it kept retrying (musl)
     // failed the lookup.
-    let final_rcode = match &final_name {
+    let final_rcode = match final_name {
         Some(final_name) => {
             let has_answers = !answers.is_empty();
             // The resolver insisted on a question when it resent it after waiting, or asked
@@ -1066,16 +1075,16 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
         }
         None => None,
     };
-    let diagnosis = diagnose(&lookup, &expansions, &own, cfg);
+    let diagnosis = diagnose(&lookup, cfg);
     let sender = lookup.sender.as_ref().map(|(_, s)| s);
     LookupRecord {
         event: "lookup",
         time_ns: lookup.first_send_ns,
-        name: lookup.key.name.as_str().to_ascii_lowercase(),
+        name: lookup.key.name.to_lowercase_shared(),
         duration_ns,
         queries: queries.len(),
-        search_expansions: expansions.len(),
-        final_rcode: final_rcode.map(rcode_name),
+        search_expansions: lookup.expansions().count(),
+        final_rcode: final_rcode.map(rcode_mnemonic),
         answers,
         pid: lookup.key.pid,
         // The first query's, as its process and cgroup are the lookup's (the key): not kept in
@@ -1097,21 +1106,20 @@ fn describe(q: &LookupQuery) -> String {
     format!("{} {}", qtype_name(q.qtype), q.qname)
 }
 
-/// `expansions` and `own` are the lookup's queries of search-list names and of the asked name.
-fn diagnose(
-    lookup: &OpenLookup,
-    expansions: &[&LookupQuery],
-    own: &[&LookupQuery],
-    cfg: &DiagnosisConfig,
-) -> Vec<Diagnosis> {
+fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
     let queries = &lookup.queries;
     let mut out = Vec::new();
 
     // search_list_expansion: names built from the search list before (or instead of) the name.
-    if !expansions.is_empty() {
-        let first_own = own.iter().map(|q| q.first_send_ns()).min();
-        let exp_end = expansions
+    let expansions = lookup.expansions().count();
+    if expansions > 0 {
+        let first_own = queries
             .iter()
+            .filter(|q| !is_expansion(lookup.name(), q))
+            .map(|q| q.first_send_ns())
+            .min();
+        let exp_end = lookup
+            .expansions()
             .map(|q| q.response_ts_ns.unwrap_or(q.first_send_ns()))
             .max()
             .unwrap_or(lookup.first_send_ns);
@@ -1119,14 +1127,14 @@ fn diagnose(
             .unwrap_or(exp_end)
             .saturating_sub(lookup.first_send_ns);
         let mut names: Vec<String> = Vec::new();
-        for q in expansions {
+        for q in lookup.expansions() {
             let n = q.qname.to_ascii_lowercase();
             if !names.contains(&n) {
                 names.push(n);
             }
         }
-        let rcodes: Vec<String> = expansions
-            .iter()
+        let rcodes: Vec<String> = lookup
+            .expansions()
             .map(|q| q.rcode.map(rcode_name).unwrap_or_else(|| "none".into()))
             .collect();
         let ndots = lookup.resolver.as_ref().map(|r| r.ndots);
@@ -1134,7 +1142,7 @@ fn diagnose(
             code: "search_list_expansion",
             message: format!(
                 "{} of {} queries were search-list expansions of {} ({} names{}); they cost {} before the name itself was asked",
-                expansions.len(),
+                expansions,
                 queries.len(),
                 lookup.name(),
                 names.len(),
@@ -1142,7 +1150,7 @@ fn diagnose(
                 ms(cost)
             ),
             evidence: json!({
-                "extra_queries": expansions.len(),
+                "extra_queries": expansions,
                 "names": names,
                 "rcodes": rcodes,
                 "cost_ns": cost,
@@ -1615,7 +1623,7 @@ mod tests {
         assert_eq!(r.final_rcode.as_deref(), Some("NOERROR"));
         assert_eq!(r.duration_ns, MS);
         assert_eq!(r.search_expansions, 0);
-        assert_eq!(r.answers, vec!["10.1.2.3"]);
+        assert_eq!(r.answers.as_slice(), ["10.1.2.3"]);
     }
 
     #[test]
@@ -1655,7 +1663,7 @@ mod tests {
         assert_eq!(r.duration_ns, 3002 * MS);
         // AAAA never got past SERVFAIL: the lookup failed (musl's getaddrinfo says EAI_AGAIN).
         assert_eq!(r.final_rcode.as_deref(), Some("SERVFAIL"));
-        assert_eq!(r.answers, vec!["10.1.2.3"]);
+        assert_eq!(r.answers.as_slice(), ["10.1.2.3"]);
         let exp_diag = &r.diagnosis[0];
         assert_eq!(exp_diag.evidence["extra_queries"], 2);
         assert_eq!(exp_diag.evidence["cost_ns"], 2 * MS);
@@ -1875,7 +1883,7 @@ mod tests {
         assert!(out.is_empty(), "closed before idle");
         t.close_idle(3 * MS + 500 * MS, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].name, "www.example.com.");
+        assert_eq!(&*out[0].name, "www.example.com.");
         assert_eq!(out[0].queries, 2);
         assert_eq!(out[0].search_expansions, 1);
         // The other lookup's query never finished: closed once stale.
@@ -2014,7 +2022,7 @@ mod tests {
         t.query_started(11 * MS, &"n5.example.".into(), 1, &sender(), &mut out);
         assert_eq!(t.stats().evicted, 1);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].name, "n1.example.");
+        assert_eq!(&*out[0].name, "n1.example.");
         assert_eq!(t.open_lookups(), 4);
     }
 
@@ -2045,7 +2053,7 @@ mod tests {
         out.clear();
         t.close_all(&mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].name, "new.example.");
+        assert_eq!(&*out[0].name, "new.example.");
         assert_eq!(out[0].queries, 1, "the old lookup's query went elsewhere");
     }
 }

@@ -1245,7 +1245,7 @@ mod tests {
             queries: 1,
             search_expansions: 0,
             final_rcode: None,
-            answers: vec![],
+            answers: Default::default(),
             pid: None,
             comm: None,
             cgroup_id: 1,

@@ -178,6 +178,18 @@ impl CaselessPrefix {
     pub fn as_str(&self) -> &str {
         &self.name[..self.len]
     }
+
+    /// The prefix in lower case, sharing the name's text when that is what it is already (the
+    /// whole name without an upper-case letter, which is nearly always): every lookup record
+    /// names its lookup this way.
+    pub fn to_lowercase_shared(&self) -> Arc<str> {
+        let text = self.as_str();
+        if self.len == self.name.len() && !text.bytes().any(|b| b.is_ascii_uppercase()) {
+            Arc::clone(&self.name.text)
+        } else {
+            text.to_ascii_lowercase().into()
+        }
+    }
 }
 
 impl PartialEq for CaselessPrefix {
@@ -242,5 +254,22 @@ mod tests {
         assert_ne!(hash_of(&asked), hash_of(&longer));
         assert_eq!(CaselessPrefix::new("é.".into(), 1).as_str(), "");
         assert_eq!(CaselessPrefix::new("a.".into(), 99).as_str(), "a.");
+    }
+
+    #[test]
+    fn lower_case_prefix_shares_the_text_only_when_it_is_all_of_it() {
+        let whole = QName::new("api.example.com.");
+        let shared = CaselessPrefix::new(whole.clone(), 99).to_lowercase_shared();
+        assert!(Arc::ptr_eq(&shared, &whole.text), "not shared");
+        for (name, len, lower) in [
+            ("Api.Example.com.", 99, "api.example.com."),
+            ("api.ns1.svc.cluster.local.", 4, "api."),
+            ("API.ns1.svc.cluster.local.", 4, "api."),
+        ] {
+            let name = QName::new(name);
+            let got = CaselessPrefix::new(name.clone(), len).to_lowercase_shared();
+            assert_eq!(&*got, lower);
+            assert!(!Arc::ptr_eq(&got, &name.text), "{name} shared");
+        }
     }
 }

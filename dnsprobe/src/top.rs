@@ -338,7 +338,7 @@ const HOST: usize = 1;
 struct DiagnosisLine {
     sec: u64,
     source: String,
-    name: String,
+    name: std::sync::Arc<str>,
     code: &'static str,
     message: String,
 }
@@ -1017,7 +1017,7 @@ mod tests {
             queries: 1,
             search_expansions: 0,
             final_rcode: None,
-            answers: vec![],
+            answers: Default::default(),
             pid: Some(1),
             comm: Some("app".into()),
             cgroup_id: 1,
