@@ -148,6 +148,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub state_grace: Duration,
 
+    /// The longest a record waits in the daemon: at least this often the ring buffers are read,
+    /// timed-out queries and idle lookups are closed, and the output is flushed (1ms to 10s).
+    /// Measured latencies do not depend on it (they come from kernel timestamps); each tick
+    /// costs the daemon a wake-up even when the node is quiet.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_flush_interval)]
+    pub flush_interval: Duration,
+
     /// Interval between periodic statistics lines on stderr (0 disables them).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration_or_zero)]
     pub stats_interval: Duration,
@@ -257,6 +264,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_flush_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(10) {
+        return Err(format!("`{s}` is not between 1ms and 10s"));
+    }
+    Ok(d)
+}
+
 fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -350,6 +365,19 @@ mod tests {
         assert!(err.to_string().contains("--outcome"), "{err}");
         let err = Cli::try_parse_from(["dnsprobe", "run", "--min-latency", "fast"]).unwrap_err();
         assert!(err.to_string().contains("--min-latency"), "{err}");
+        for interval in ["0s", "500us", "11s"] {
+            let err =
+                Cli::try_parse_from(["dnsprobe", "run", "--flush-interval", interval]).unwrap_err();
+            assert!(err.to_string().contains("--flush-interval"), "{err}");
+        }
+        for (interval, ms) in [("1ms", 1), ("250ms", 250), ("10s", 10_000)] {
+            let cli =
+                Cli::try_parse_from(["dnsprobe", "run", "--flush-interval", interval]).unwrap();
+            let Command::Run(args) = cli.command else {
+                panic!("parsed as another command")
+            };
+            assert_eq!(args.flush_interval, Duration::from_millis(ms));
+        }
     }
 
     #[test]

@@ -26,4 +26,5 @@ pub mod metrics;
 pub mod pipeline;
 pub mod pods;
 pub mod qname;
+pub mod ticker;
 pub mod top;

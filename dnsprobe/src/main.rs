@@ -31,13 +31,6 @@ use dnsprobe::{
 
 /// Events handled per wake-up before timers get a turn.
 const DRAIN_BATCH: usize = 4096;
-/// How often pending queries are checked for timeouts and output is flushed, and the rings are
-/// read when nothing woke the daemon before. The kernel wakes it only once an eighth of the
-/// event ring waits (`WAKEUP_FRACTION` in the programs): every wake-up costs two context
-/// switches, an epoll round and a flush, which at a few thousand queries a second exceeded the
-/// work on the queries themselves. Timestamps come from the kernel, so reading later changes no
-/// measurement, only when records are written (within this tick).
-const TICK: Duration = Duration::from_millis(100);
 /// How often the conntrack counters of every namespace are re-read as a baseline.
 const CONNTRACK_BASELINE_EVERY: Duration = Duration::from_secs(10);
 
@@ -289,8 +282,15 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
         cgroup_root.display()
     );
 
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // At every tick pending queries are checked for timeouts, idle lookups closed and the
+    // output flushed, and the rings are read when nothing woke the daemon before. The kernel
+    // wakes it only once an eighth of the event ring waits (`WAKEUP_FRACTION` in the
+    // programs): each wake-up costs context switches, an epoll round and a flush, which at a
+    // thousand queries a second cost the daemon more than the queries themselves. Timestamps
+    // come from the kernel, so reading later changes no measurement, only when records are
+    // written.
+    let mut tick = dnsprobe::ticker::Ticker::new(args.flush_interval)
+        .context("--flush-interval: the tick timer")?;
     let stats_every = args.stats_interval;
     let mut last_stats = tokio::time::Instant::now();
     let mut last_lost = 0u64;
@@ -320,7 +320,8 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
                 drain_batch(guard, |item| pipeline.handle_drop_record(item));
                 pipeline.flush();
             }
-            _ = tick.tick() => {
+            ticked = tick.tick() => {
+                ticked.context("waiting for the next tick")?;
                 // Take what already arrived first, so a response waiting in the ring is not
                 // mistaken for a timeout.
                 drain_all(&mut pipeline, &mut ring, &mut drop_ring);

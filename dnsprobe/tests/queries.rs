@@ -218,6 +218,31 @@ fn dig_a_query_is_one_answered_record_and_daemon_stops_cleanly() {
     );
 }
 
+/// On a quiet node nothing wakes the daemon but its tick, so a record waits for the next one:
+/// each query's record must be written within `--flush-interval` of its answer (with room for
+/// a loaded machine). With the default tick of a second, a dozen in a row would not all be.
+#[test]
+fn records_are_written_within_the_flush_interval() {
+    if skip_unless_root("records_are_written_within_the_flush_interval") {
+        return;
+    }
+    let world = World::new(WorldConfig::default());
+    let daemon = Daemon::start_with(&["--flush-interval", "100ms"]);
+    let mut waits = Vec::new();
+    for _ in 0..12 {
+        let run = world.dig(Family::V4, "www.test.internal", "A", 2);
+        run.assert_success();
+        let answered = Instant::now();
+        wait_for_client(&daemon, &world, &run, |recs| !recs.is_empty());
+        waits.push(answered.elapsed());
+    }
+    let worst = waits.iter().max().copied().unwrap_or_default();
+    assert!(
+        worst < Duration::from_millis(700),
+        "records waited up to {worst:?} with --flush-interval 100ms: {waits:?}"
+    );
+}
+
 #[test]
 fn dig_name_with_several_a_records_lists_all_answers() {
     if skip_unless_root("dig_name_with_several_a_records_lists_all_answers") {

@@ -50,6 +50,10 @@ pub struct BenchArgs {
     /// Length of the part 4 soak in seconds (default 600; 60 with --quick).
     #[arg(long, value_name = "SECS")]
     soak_secs: Option<u64>,
+    /// A flag for every dnsprobe the benchmark starts, after its own (repeatable), to measure
+    /// a setting: `--daemon-arg=--flush-interval=100ms`. The report's command line shows it.
+    #[arg(long = "daemon-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    daemon_args: Vec<String>,
     /// Seconds of fuzzing the `pipeline` target after the benchmarks (0: none).
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub fuzz: u32,
@@ -596,10 +600,14 @@ struct ObsResult {
     rss_kib: u64,
 }
 
+/// `--daemon-arg`, set once before the first daemon starts.
+static DAEMON_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
 fn start_dnsprobe(daemon: &Path, extra: &[&str]) -> Result<Running> {
     let mut cmd = Command::new(daemon);
     cmd.args(["run", "--format", "json", "--output", "/dev/null"])
-        .args(extra);
+        .args(extra)
+        .args(DAEMON_ARGS.get().map(Vec::as_slice).unwrap_or_default());
     let mut proc = Proc::spawn("dnsprobe", &mut cmd)?;
     proc.wait_line("capture started", START_TIMEOUT)?;
     Ok(Running {
@@ -1088,6 +1096,7 @@ pub fn bench(args: &BenchArgs, root: &Path, daemon: &Path) -> Result<()> {
     if args.parts.contains(&4) && soak_secs < 10 {
         bail!("--soak-secs: at least 10 (to skip the soak, leave 4 out of --parts)");
     }
+    let _ = DAEMON_ARGS.set(args.daemon_args.clone());
     let dir = TempDir(std::env::temp_dir().join(format!("dnsprobe-bench-{}", std::process::id())));
     fs::create_dir_all(&dir.0)?;
     let world = World::new().context("building the namespaces")?;
