@@ -219,6 +219,15 @@ pub struct QueryTracker {
     timeout_ns: u64,
     max_inflight: usize,
     stats: TrackerStats,
+    /// Queries found to have timed out by the kernel time of a later packet of theirs (a
+    /// response, a resend, a drop) before the tick that would have expired them: whether a
+    /// query was answered depends on timestamps, not on when the daemon read them. Taken with
+    /// [`Self::take_timed_out`].
+    #[expect(
+        clippy::vec_box,
+        reason = "queries stay boxed from their first packet to their lookup, moved as boxes"
+    )]
+    timed_out: Vec<Box<FinishedQuery>>,
 }
 
 impl QueryTracker {
@@ -236,7 +245,48 @@ impl QueryTracker {
             // Slot numbers are u32, with one value kept for `NO_SLOT`.
             max_inflight: max_inflight.clamp(1, (NO_SLOT - 1) as usize),
             stats: TrackerStats::default(),
+            timed_out: Vec::new(),
         }
+    }
+
+    /// When a query first sent at `first_send_ns` times out (kernel time).
+    pub fn deadline_ns(&self, first_send_ns: u64) -> u64 {
+        first_send_ns.saturating_add(self.timeout_ns)
+    }
+
+    /// Whether the pending query in `slot` had timed out by kernel time `ts_ns`.
+    fn timed_out_by(&self, slot: Slot, ts_ns: u64) -> bool {
+        self.slots[slot as usize]
+            .query
+            .as_ref()
+            .is_some_and(|q| ts_ns >= self.deadline_ns(q.first_send_ns()))
+    }
+
+    /// Ends the pending query in `slot` as unanswered (or dropped), into `timed_out`.
+    fn time_out(&mut self, slot: Slot) {
+        if let Some(query) = self.remove(slot) {
+            let query = self.unanswered(query);
+            self.timed_out.push(query);
+        }
+    }
+
+    fn unanswered(&mut self, mut query: Box<FinishedQuery>) -> Box<FinishedQuery> {
+        self.stats.unanswered += 1;
+        if query.drops.iter().any(|d| d.packet == DroppedPacket::Query) {
+            query.outcome = Outcome::Dropped;
+        }
+        query
+    }
+
+    /// Whether [`Self::take_timed_out`] has queries to give.
+    pub fn has_timed_out(&self) -> bool {
+        !self.timed_out.is_empty()
+    }
+
+    /// Moves the queries that timed out by the time of a later packet of theirs into `out`;
+    /// their time is [`Self::deadline_ns`] of their first send.
+    pub fn take_timed_out(&mut self, out: &mut Vec<Box<FinishedQuery>>) {
+        out.append(&mut self.timed_out);
     }
 
     pub fn stats(&self) -> TrackerStats {
@@ -289,7 +339,10 @@ impl QueryTracker {
     fn on_query(&mut self, packet: Packet, sender: impl FnOnce(&Packet) -> Sender) -> Observation {
         let key_hash = self.key_hash(&packet);
         if let Some(slot) = self.find_by_key(key_hash, &packet) {
-            if let Some(pending) = self.slots[slot as usize].query.as_mut() {
+            // Sent again after the query had timed out: a query of its own.
+            if self.timed_out_by(slot, packet.ts_ns) {
+                self.time_out(slot);
+            } else if let Some(pending) = self.slots[slot as usize].query.as_mut() {
                 pending.send_ts_ns.push(packet.ts_ns);
                 self.stats.resends += 1;
                 return Observation::Resent;
@@ -341,10 +394,14 @@ impl QueryTracker {
 
     fn on_response(&mut self, packet: Packet) -> Observation {
         let key_hash = self.key_hash(&packet);
-        let Some(mut query) = self
-            .find_by_key(key_hash, &packet)
-            .and_then(|slot| self.remove(slot))
-        else {
+        let found = self.find_by_key(key_hash, &packet);
+        // An answer after the timeout is a late one, however soon the daemon read it.
+        if let Some(slot) = found.filter(|&slot| self.timed_out_by(slot, packet.ts_ns)) {
+            self.time_out(slot);
+            self.stats.unmatched_responses += 1;
+            return Observation::Unmatched(packet);
+        }
+        let Some(mut query) = found.and_then(|slot| self.remove(slot)) else {
             self.stats.unmatched_responses += 1;
             return Observation::Unmatched(packet);
         };
@@ -418,13 +475,10 @@ impl QueryTracker {
             if first_send.is_some_and(|t| now_ns.saturating_sub(t) < self.timeout_ns) {
                 break;
             }
-            let Some(mut query) = self.remove(self.oldest) else {
+            let Some(query) = self.remove(self.oldest) else {
                 break;
             };
-            self.stats.unanswered += 1;
-            if query.drops.iter().any(|d| d.packet == DroppedPacket::Query) {
-                query.outcome = Outcome::Dropped;
-            }
+            let query = self.unanswered(query);
             out.push(query);
         }
     }
@@ -458,6 +512,11 @@ impl QueryTracker {
         else {
             return Some(drop);
         };
+        // Dropped after the query had timed out: it belongs to the query's past.
+        if self.timed_out_by(slot, drop.ts_ns) {
+            self.time_out(slot);
+            return Some(drop);
+        }
         let Some(pending) = self.slots[slot as usize].query.as_mut() else {
             return Some(drop);
         };
@@ -922,6 +981,7 @@ mod tests {
         // is pending.
         let mut by_id: HashMap<u16, u64> = HashMap::new();
         let (mut evicted, mut expired, mut linked) = (0u64, 0u64, 0u64);
+        let mut timed_out_early = 0u64;
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut next = |n: u64| {
             rng ^= rng << 13;
@@ -930,17 +990,47 @@ mod tests {
             rng % n
         };
         let mut seq = 0u64;
+        // A packet of a query past its deadline ends it (as `expire` would have) before
+        // anything else: the tracker hands it over in `take_timed_out`.
+        let timed_out = |t: &mut QueryTracker, m: Option<Model>, step: u64| {
+            let mut out = Vec::new();
+            t.take_timed_out(&mut out);
+            assert_eq!(out.len(), usize::from(m.is_some()), "step {step}");
+            if let (Some(q), Some(m)) = (out.first(), m) {
+                assert_eq!(q.send_ts_ns[..], m.sends[..], "step {step}");
+                let outcome = if m.drops > 0 {
+                    Outcome::Dropped
+                } else {
+                    Outcome::Unanswered
+                };
+                assert_eq!(q.outcome, outcome, "step {step}");
+            }
+        };
         for step in 0..20_000u64 {
             let ts = step * 10;
             let (cookie, id) = (1 + next(3), next(6) as u16);
             let name = names[next(3) as usize];
             let same = |m: &Model| m.cookie == cookie && m.id == id && m.name == name;
+            let past = |m: &Model| ts - m.sends[0] >= TIMEOUT;
+            // The pending query this packet belongs to, taken out when it timed out by now.
+            let late_for = |model: &mut Vec<Model>, by_id: &mut HashMap<u16, u64>| {
+                let at = model.iter().position(|m| same(m) && past(m))?;
+                let m = model.remove(at);
+                by_id.retain(|_, s| *s != m.seq);
+                Some(m)
+            };
             match next(10) {
                 0..=4 => {
+                    let gone = late_for(&mut model, &mut by_id);
+                    if gone.is_some() {
+                        expired += 1;
+                        timed_out_early += 1;
+                    }
                     let obs = t.observe(
                         packet(Direction::Egress, ts, cookie, id, name, false),
                         sender,
                     );
+                    timed_out(&mut t, gone, step);
                     if let Some(m) = model.iter_mut().find(|m| same(m)) {
                         m.sends.push(ts);
                         assert!(matches!(obs, Observation::Resent), "step {step}: {obs:?}");
@@ -964,11 +1054,17 @@ mod tests {
                     });
                 }
                 5..=7 => {
+                    let gone = late_for(&mut model, &mut by_id);
+                    if gone.is_some() {
+                        expired += 1;
+                        timed_out_early += 1;
+                    }
                     let upper = name.to_ascii_uppercase();
                     let obs = t.observe(
                         packet(Direction::Ingress, ts, cookie, id, &upper, true),
                         sender,
                     );
+                    timed_out(&mut t, gone, step);
                     match model.iter().position(same) {
                         Some(at) => {
                             let m = model.remove(at);
@@ -990,7 +1086,29 @@ mod tests {
                     }
                 }
                 8 => {
-                    let back = t.on_drop(drop_of(DroppedPacket::Query, id));
+                    let target = by_id
+                        .get(&id)
+                        .and_then(|s| model.iter().position(|m| m.seq == *s));
+                    let gone = target.filter(|&at| past(&model[at])).map(|at| {
+                        let m = model.remove(at);
+                        by_id.retain(|_, s| *s != m.seq);
+                        expired += 1;
+                        timed_out_early += 1;
+                        m
+                    });
+                    let timed = gone.is_some();
+                    let back = t.on_drop(DropRecord {
+                        ts_ns: ts,
+                        ..drop_of(DroppedPacket::Query, id)
+                    });
+                    timed_out(&mut t, gone, step);
+                    if timed {
+                        assert!(
+                            back.is_some(),
+                            "step {step}: drop linked to a timed-out query"
+                        );
+                        continue;
+                    }
                     match by_id
                         .get(&id)
                         .and_then(|s| model.iter_mut().find(|m| m.seq == *s))
@@ -1033,6 +1151,10 @@ mod tests {
             (evicted, expired, linked)
         );
         assert!(evicted > 100 && expired > 100 && linked > 100, "{stats:?}");
+        assert!(
+            timed_out_early > 50,
+            "{timed_out_early} queries timed out by a later packet"
+        );
     }
 }
 

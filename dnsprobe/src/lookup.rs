@@ -834,7 +834,18 @@ impl LookupTracker {
         let cgroup_path = sender.names.cgroup_path.as_deref();
         let (key, resolver) = self.key_for(sender.pid, sender.cgroup_id, cgroup_path, qname);
         let key_hash = self.hasher.hash_one(&key);
-        if let Some(id) = self.find_by_key(key_hash, &key) {
+        let mut found = self.find_by_key(key_hash, &key);
+        if let Some(id) = found {
+            // Over by the time of this query, however late the daemon noticed: the process
+            // that sends it lives.
+            let over =
+                open_lookup(&self.open, id).is_some_and(|l| self.over_at(l, ts_ns, |_| true));
+            if over {
+                self.close(id, out);
+                found = None;
+            }
+        }
+        if let Some(id) = found {
             if let Some(lookup) = self.get_mut(id) {
                 let full = lookup.queries.len() + lookup.pending as usize >= MAX_QUERIES_PER_LOOKUP;
                 // Nothing in flight, every question answered for good, and this very question
@@ -880,9 +891,24 @@ impl LookupTracker {
 
     /// A response or drop that came too late for its query. Returns it back when no lookup is
     /// open for it any more.
-    pub fn late_arrival(&mut self, late: LateArrival) -> Option<LateArrival> {
+    ///
+    /// A lookup that was over by the time it arrived is closed first (into `out`), however
+    /// late the daemon noticed: the arrival is then an event of its own.
+    pub fn late_arrival(
+        &mut self,
+        late: LateArrival,
+        out: &mut Vec<LookupRecord>,
+    ) -> Option<LateArrival> {
         let (key, _) = self.key_for(late.pid, late.cgroup_id, None, &late.qname);
-        let found = self.find_by_key(self.hasher.hash_one(&key), &key);
+        let mut found = self.find_by_key(self.hasher.hash_one(&key), &key);
+        if let Some(id) = found {
+            let over = open_lookup(&self.open, id)
+                .is_some_and(|l| self.over_at(l, late.ts_ns, |pid| self.alive(pid)));
+            if over {
+                self.close(id, out);
+                found = None;
+            }
+        }
         match found.and_then(|id| self.get_mut(id)) {
             Some(lookup) => {
                 lookup.late.push(late);
@@ -892,15 +918,40 @@ impl LookupTracker {
         }
     }
 
+    /// Whether `l` was over by kernel time `now_ns`: quiet for long enough, nothing pending and
+    /// nothing the resolver may still retry. `alive` tells whether the lookup's process still
+    /// lives; it is asked last, as it reads /proc.
+    fn over_at(
+        &self,
+        l: &OpenLookup,
+        now_ns: u64,
+        alive: impl FnOnce(Option<u32>) -> bool,
+    ) -> bool {
+        let idle_ns = self.idle_ns;
+        let quiet = now_ns.saturating_sub(l.last_activity_ns);
+        if quiet >= self.stale_ns.max(l.patience_ns().saturating_add(idle_ns)) {
+            return true;
+        }
+        if l.pending > 0 || quiet < idle_ns {
+            return false;
+        }
+        // A question last answered with SERVFAIL (or not at all) may still be retried by the
+        // resolver (musl retries for its whole timeout): wait as long as it would, unless
+        // everything got a definitive answer.
+        l.settled
+            || now_ns.saturating_sub(l.first_send_ns) >= l.patience_ns().saturating_add(idle_ns)
+            // A resolver can only retry while its process lives: once the client has exited,
+            // its lookup is over, whatever the last answer was.
+            || !alive(l.key.pid)
+    }
+
+    /// Whether the process `pid` still lives (unknown processes are taken as alive).
+    fn alive(&self, pid: Option<u32>) -> bool {
+        pid.is_none_or(|pid| self.configs.proc_root.join(pid.to_string()).exists())
+    }
+
     /// Closes lookups that have been quiet long enough, at kernel time `now_ns`.
     pub fn close_idle(&mut self, now_ns: u64, out: &mut Vec<LookupRecord>) {
-        let idle_ns = self.idle_ns;
-        let stale_ns = self.stale_ns;
-        let proc_root = self.configs.proc_root.clone();
-        // A resolver can only retry while its process lives: once the client has exited, its
-        // lookup is over, whatever the last answer was.
-        let alive =
-            |pid: Option<u32>| pid.is_none_or(|pid| proc_root.join(pid.to_string()).exists());
         let done: Vec<LookupId> = self
             .open
             .iter()
@@ -909,22 +960,7 @@ impl LookupTracker {
                 let id = lookup_id(slot as u32, s.generation);
                 s.lookup.as_deref().map(|l| (id, l))
             })
-            .filter(|(_, l)| {
-                let quiet = now_ns.saturating_sub(l.last_activity_ns);
-                if quiet >= stale_ns.max(l.patience_ns().saturating_add(idle_ns)) {
-                    return true;
-                }
-                if l.pending > 0 || quiet < idle_ns {
-                    return false;
-                }
-                // A question last answered with SERVFAIL (or not at all) may still be retried
-                // by the resolver (musl retries for its whole timeout): wait as long as it
-                // would, unless everything got a definitive answer.
-                l.settled
-                    || now_ns.saturating_sub(l.first_send_ns)
-                        >= l.patience_ns().saturating_add(idle_ns)
-                    || !alive(l.key.pid)
-            })
+            .filter(|(_, l)| self.over_at(l, now_ns, |pid| self.alive(pid)))
             .map(|(id, _)| id)
             .collect();
         for id in done {
@@ -1911,6 +1947,66 @@ mod tests {
             max_open,
             CFG,
         )
+    }
+
+    /// Whether a lookup is over follows kernel time, not when the daemon looked: a query or a
+    /// late answer that comes after the lookup went idle finds it closed, though no tick
+    /// closed it in between.
+    #[test]
+    fn a_lookup_over_by_the_time_of_a_packet_is_closed_then() {
+        const NAME: &str = "www.example.com.";
+        let mut t = tracker(16);
+        let mut out = Vec::new();
+        let name: QName = NAME.into();
+        let first = t.query_started(0, &name, 28, &sender(), &mut out);
+        t.query_finished(
+            with_lookup(query(NAME, 28, 1, &[0], Some(MS), Some(0)), first),
+            MS,
+        );
+        // Another question of the name 600 ms later (idle ends lookups after 500 ms).
+        let second = t.query_started(601 * MS, &name, 1, &sender(), &mut out);
+        assert_ne!(first, second, "joined a lookup idle for 600 ms");
+        assert_eq!(
+            out.len(),
+            1,
+            "the idle lookup was not written when the next began"
+        );
+        assert_eq!(out[0].queries, 1);
+        // Within the idle time: the same lookup.
+        let third = t.query_started(602 * MS, &name, 28, &sender(), &mut out);
+        assert_eq!(third, second);
+        for (qtype, id, sent) in [(1, 2, 601 * MS), (28, 3, 602 * MS)] {
+            t.query_finished(
+                with_lookup(
+                    query(NAME, qtype, id, &[sent], Some(sent + MS), Some(0)),
+                    second,
+                ),
+                sent + MS,
+            );
+        }
+        let late = |ts_ns: u64| LateArrival {
+            ts_ns,
+            id: 3,
+            qname: name.clone(),
+            qtype: 28,
+            after_first_send_ns: ts_ns - 602 * MS,
+            why: "duplicate".into(),
+            pid: sender().pid,
+            cgroup_id: sender().cgroup_id,
+        };
+        // 400 ms after the last answer: still open, the duplicate joins it.
+        assert!(t.late_arrival(late(1003 * MS), &mut out).is_none());
+        assert_eq!(out.len(), 1);
+        // 501 ms after it: over by then, so closed first; the duplicate is an event.
+        assert!(t.late_arrival(late(1104 * MS), &mut out).is_some());
+        assert_eq!(
+            out.len(),
+            2,
+            "the lookup was not closed by the late arrival's time"
+        );
+        assert_eq!(out[1].queries, 2);
+        assert_eq!(codes(&out[1]), ["late_response"]);
+        assert_eq!(t.open_lookups(), 0);
     }
 
     #[test]

@@ -245,6 +245,8 @@ impl Pipeline {
             );
             sender
         });
+        // Before the observation: a late answer is told apart by the query it was late for.
+        self.finish_timed_out();
         match observed {
             Observation::Finished(query) => {
                 let now = query.response_ts_ns.unwrap_or_default();
@@ -260,6 +262,31 @@ impl Pipeline {
         self.write_lookups();
     }
 
+    /// Ends the queries the tracker found timed out by a later packet of theirs.
+    fn finish_timed_out(&mut self) {
+        if !self.tracker.has_timed_out() {
+            return;
+        }
+        let mut finished = std::mem::take(&mut self.finished);
+        self.tracker.take_timed_out(&mut finished);
+        self.finish_unanswered(&mut finished);
+        self.finished = finished;
+    }
+
+    /// Ends unanswered queries at their deadline, whenever the daemon noticed it: what follows
+    /// from their end (their lookup's idle time, how long a late answer is recognised) then
+    /// depends on kernel time only.
+    #[expect(
+        clippy::vec_box,
+        reason = "queries stay boxed from their first packet to their lookup, moved as boxes"
+    )]
+    fn finish_unanswered(&mut self, finished: &mut Vec<Box<FinishedQuery>>) {
+        for query in finished.drain(..) {
+            let at = self.tracker.deadline_ns(query.first_send_ns());
+            self.finish_query(query, at);
+        }
+    }
+
     fn finish_query(&mut self, query: Box<FinishedQuery>, now_ns: u64) {
         self.write(&query);
         self.recent.remember(&query, now_ns);
@@ -269,7 +296,10 @@ impl Pipeline {
     /// A response too late for its query: part of its lookup, or an event of its own.
     fn late(&mut self, late: LateArrival) {
         self.stats.late_arrivals += 1;
-        if let Some(orphan) = self.lookups.late_arrival(late) {
+        let orphan = self.lookups.late_arrival(late, &mut self.lookup_out);
+        // A lookup it closed comes first: the late arrival was after its end.
+        self.write_lookups();
+        if let Some(orphan) = orphan {
             for sink in &mut self.sinks {
                 sink.late(&orphan);
             }
@@ -328,7 +358,9 @@ impl Pipeline {
             dst: drop.dst,
             dns_id: drop.dns_id(),
         };
-        if let Some(unlinked) = self.tracker.on_drop(record) {
+        let unlinked = self.tracker.on_drop(record);
+        self.finish_timed_out();
+        if let Some(unlinked) = unlinked {
             let late = self.recent.late_drop(&unlinked);
             if late.is_some() || self.waiting_drops.len() >= MAX_WAITING_DROPS {
                 self.emit_unlinked(unlinked, late);
@@ -360,7 +392,9 @@ impl Pipeline {
                 break;
             };
             let ts = drop.ts_ns;
-            if let Some(unlinked) = self.tracker.on_drop(drop) {
+            let unlinked = self.tracker.on_drop(drop);
+            self.finish_timed_out();
+            if let Some(unlinked) = unlinked {
                 if now_ns.saturating_sub(ts) >= DROP_LINK_GRACE_NS {
                     {
                         let late = self.recent.late_drop(&unlinked);
@@ -392,9 +426,7 @@ impl Pipeline {
         self.retry_waiting_drops(now);
         let mut finished = std::mem::take(&mut self.finished);
         self.tracker.expire(now, &mut finished);
-        for query in finished.drain(..) {
-            self.finish_query(query, now);
-        }
+        self.finish_unanswered(&mut finished);
         self.finished = finished;
         self.recent.expire(now);
         self.lookups.close_idle(now, &mut self.lookup_out);
@@ -403,7 +435,9 @@ impl Pipeline {
 
     pub fn close_all_lookups(&mut self) {
         while let Some(drop) = self.waiting_drops.pop_front() {
-            if let Some(unlinked) = self.tracker.on_drop(drop) {
+            let unlinked = self.tracker.on_drop(drop);
+            self.finish_timed_out();
+            if let Some(unlinked) = unlinked {
                 {
                     let late = self.recent.late_drop(&unlinked);
                     self.emit_unlinked(unlinked, late);
