@@ -300,6 +300,11 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
         (args.state_grace / 2).clamp(Duration::from_millis(500), Duration::from_secs(10));
     let mut last_prune = tokio::time::Instant::now();
     let mut last_internal = tokio::time::Instant::now();
+    // Whether a periodic chore last done at `last` is due at this tick. Half a tick of slack:
+    // ticks come every `--flush-interval`, and a chore of the same period, checked a moment
+    // early, would otherwise wait a whole tick more every other time.
+    let half_tick = args.flush_interval / 2;
+    let due = |last: tokio::time::Instant, every: Duration| last.elapsed() + half_tick >= every;
     let ui = match &top_state {
         Some(state) => Some(top::TopUi::start(state.clone()).context("dnsprobe top")?),
         None => None,
@@ -327,13 +332,13 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
                 drain_all(&mut pipeline, &mut ring, &mut drop_ring);
                 pipeline.expire();
                 pipeline.drops.conntrack.refresh_if_due();
-                if last_prune.elapsed() >= prune_every {
+                if due(last_prune, prune_every) {
                     last_prune = tokio::time::Instant::now();
                     pipeline.prune(args.state_grace);
                 }
                 pipeline.flush();
                 if (metrics_handle.is_some() || top_state.is_some())
-                    && last_internal.elapsed() >= Duration::from_secs(1)
+                    && due(last_internal, Duration::from_secs(1))
                 {
                     last_internal = tokio::time::Instant::now();
                     let internal = metrics::InternalStats::collect(&pipeline, &kernel_stats());
@@ -347,7 +352,7 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
                             .set_internal(internal);
                     }
                 }
-                if !stats_every.is_zero() && last_stats.elapsed() >= stats_every {
+                if !stats_every.is_zero() && due(last_stats, stats_every) {
                     last_stats = tokio::time::Instant::now();
                     let kernel = kernel_stats();
                     if kernel.ringbuf_full > last_lost {
