@@ -157,6 +157,7 @@ pub struct Capture {
 /// The kernel programs' per-CPU `STATS` array.
 pub struct KernelCounters(PerCpuArray<MapData, u64>);
 
+/// The ports from the first slot on, the rest 0: the programs stop at the first empty slot.
 pub fn port_config(ports: &[u16]) -> PortConfig {
     let mut cfg = PortConfig {
         ports: [0; MAX_PORTS],

@@ -243,6 +243,29 @@ fn records_are_written_within_the_flush_interval() {
     );
 }
 
+/// `--ports` with the DNS port after two others: the programs search the configured ports up
+/// to the first empty slot, and must find it in any slot before that.
+#[test]
+fn a_dns_port_listed_after_others_is_captured() {
+    if skip_unless_root("a_dns_port_listed_after_others_is_captured") {
+        return;
+    }
+    let world = World::new(WorldConfig::default());
+    let daemon = Daemon::start_with(&["--ports", "5353,5354,53"]);
+    let run = world.dig(Family::V4, "www.test.internal", "A", 2);
+    run.assert_success();
+    wait_for_client(&daemon, &world, &run, |recs| !recs.is_empty());
+    let records = world.settle(&daemon);
+    assert_exact(&records, 1, "dig's A query");
+    let expect = Expect {
+        qname: WWW,
+        qtype: "A",
+        rcode: "NOERROR",
+        answers: &[WWW_V4],
+    };
+    check_answered(&world, &records[0], &run, Family::V4, &expect);
+}
+
 #[test]
 fn dig_name_with_several_a_records_lists_all_answers() {
     if skip_unless_root("dig_name_with_several_a_records_lists_all_answers") {
