@@ -413,6 +413,8 @@ struct OpenLookup {
     /// response time it was ordered by.
     sender: Option<((u64, u64), Sender)>,
     late: Vec<LateArrival>,
+    /// In `LookupTracker::by_key`: new queries and late answers of its key can still find it.
+    indexed: bool,
 }
 
 /// What a lookup keeps of a finished query: what its record and its diagnoses read. The query
@@ -522,6 +524,7 @@ impl OpenLookup {
             queries: Vec::new(),
             sender: None,
             late: Vec::new(),
+            indexed: true,
         }
     }
 
@@ -697,6 +700,8 @@ pub struct LookupTracker {
     max_open: usize,
     diagnosis: DiagnosisConfig,
     stats: LookupStats,
+    /// Records of lookups that closed as their last query finished, for [`Self::take_closed`].
+    closed: Vec<LookupRecord>,
 }
 
 impl LookupTracker {
@@ -722,6 +727,7 @@ impl LookupTracker {
             max_open: max_open.clamp(1, u32::MAX as usize),
             diagnosis,
             stats: LookupStats::default(),
+            closed: Vec::new(),
         }
     }
 
@@ -859,11 +865,18 @@ impl LookupTracker {
                     lookup.last_activity_ns = lookup.last_activity_ns.max(ts_ns);
                     return id;
                 }
+                // Taken out of the key index, no query can join it any more, nor a late answer
+                // find it: it is over once nothing of it is pending. Kept open until then
+                // (rather than until idle) it would hold a busy client's queries for a tick.
+                lookup.indexed = false;
+                let over = lookup.pending == 0;
                 if full {
                     self.stats.capped += 1;
                 }
-                // Taken out of the key index: it closes once idle, like any other.
                 self.unindex(key_hash, id);
+                if over {
+                    self.close(id, out);
+                }
             }
         }
         if self.open_count >= self.max_open {
@@ -878,7 +891,8 @@ impl LookupTracker {
 
     /// A query ended (answered or timed out).
     pub fn query_finished(&mut self, query: Box<FinishedQuery>, now_ns: u64) {
-        let Some(lookup) = self.get_mut(query.sender.lookup) else {
+        let id = query.sender.lookup;
+        let Some(lookup) = self.get_mut(id) else {
             // Its lookup was evicted; the query record itself was still written.
             return;
         };
@@ -887,6 +901,16 @@ impl LookupTracker {
             .last_activity_ns
             .max(query.response_ts_ns.unwrap_or(now_ns));
         lookup.add(query);
+        if !lookup.indexed && lookup.pending == 0 {
+            let mut closed = std::mem::take(&mut self.closed);
+            self.close(id, &mut closed);
+            self.closed = closed;
+        }
+    }
+
+    /// Lookups closed as their last query finished (see [`Self::query_finished`]).
+    pub fn take_closed(&mut self, out: &mut Vec<LookupRecord>) {
+        out.append(&mut self.closed);
     }
 
     /// A response or drop that came too late for its query. Returns it back when no lookup is
@@ -2092,6 +2116,14 @@ mod tests {
         }
         assert!(ids.len() >= 3, "one endless lookup: {ids:?}");
         assert!(t.stats().capped >= 2);
+        // The capped ones closed as their last query finished, without waiting to be idle.
+        t.take_closed(&mut out);
+        assert_eq!(
+            out.len() as u64,
+            t.stats().capped,
+            "capped lookups still open"
+        );
+        assert!(out.iter().all(|r| r.queries == MAX_QUERIES_PER_LOOKUP));
         t.close_all(&mut out);
         assert!(out.iter().all(|r| r.queries <= MAX_QUERIES_PER_LOOKUP));
         assert_eq!(t.open_lookups(), 0);

@@ -307,6 +307,7 @@ impl Pipeline {
     }
 
     fn write_lookups(&mut self) {
+        self.lookups.take_closed(&mut self.lookup_out);
         for record in self.lookup_out.drain(..) {
             for sink in &mut self.sinks {
                 sink.lookup(&record);
