@@ -992,18 +992,22 @@ mod tests {
         let mut seq = 0u64;
         // A packet of a query past its deadline ends it (as `expire` would have) before
         // anything else: the tracker hands it over in `take_timed_out`.
+        // A query that ended without an answer, as the model says it should read.
+        let check_ended = |q: &FinishedQuery, m: &Model, step: u64| {
+            assert_eq!(q.send_ts_ns[..], m.sends[..], "step {step}");
+            let outcome = if m.drops > 0 {
+                Outcome::Dropped
+            } else {
+                Outcome::Unanswered
+            };
+            assert_eq!(q.outcome, outcome, "step {step}");
+        };
         let timed_out = |t: &mut QueryTracker, m: Option<Model>, step: u64| {
             let mut out = Vec::new();
             t.take_timed_out(&mut out);
             assert_eq!(out.len(), usize::from(m.is_some()), "step {step}");
             if let (Some(q), Some(m)) = (out.first(), m) {
-                assert_eq!(q.send_ts_ns[..], m.sends[..], "step {step}");
-                let outcome = if m.drops > 0 {
-                    Outcome::Dropped
-                } else {
-                    Outcome::Unanswered
-                };
-                assert_eq!(q.outcome, outcome, "step {step}");
+                check_ended(q, &m, step);
             }
         };
         for step in 0..20_000u64 {
@@ -1132,13 +1136,7 @@ mod tests {
                     assert_eq!(out.len(), gone.len(), "step {step}");
                     for (q, m) in out.iter().zip(&gone) {
                         by_id.retain(|_, s| *s != m.seq);
-                        assert_eq!(q.send_ts_ns[..], m.sends[..], "step {step}");
-                        let outcome = if m.drops > 0 {
-                            Outcome::Dropped
-                        } else {
-                            Outcome::Unanswered
-                        };
-                        assert_eq!(q.outcome, outcome, "step {step}");
+                        check_ended(q, m, step);
                     }
                     expired += gone.len() as u64;
                 }

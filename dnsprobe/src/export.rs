@@ -380,18 +380,27 @@ fn push_sender(out: &mut Vec<u8>, sender: &Sender) -> Result<(), ExportError> {
     out.extend_from_slice(lead!("cgroup_path"));
     push_opt_str(out, s.cgroup_path.as_deref());
     if let Some(workload) = s.workload.as_deref() {
-        if let Some(pod) = &workload.pod {
-            out.extend_from_slice(lead!("pod"));
-            serde_json::to_writer(&mut *out, pod)?;
-        }
-        if let Some(container) = &workload.container {
-            out.extend_from_slice(lead!("container"));
-            serde_json::to_writer(&mut *out, container)?;
-        }
+        push_pod_and_container(out, workload)?;
         if let Some(unit) = &workload.host_unit {
             out.extend_from_slice(lead!("host_unit"));
             push_json_str(out, unit);
         }
+    }
+    Ok(())
+}
+
+/// `,"pod":{...}` and `,"container":{...}`, each when known: query and lookup records alike.
+fn push_pod_and_container(
+    out: &mut Vec<u8>,
+    workload: &crate::attribute::Workload,
+) -> Result<(), ExportError> {
+    if let Some(pod) = &workload.pod {
+        out.extend_from_slice(lead!("pod"));
+        serde_json::to_writer(&mut *out, pod)?;
+    }
+    if let Some(container) = &workload.container {
+        out.extend_from_slice(lead!("container"));
+        serde_json::to_writer(&mut *out, container)?;
     }
     Ok(())
 }
@@ -723,14 +732,7 @@ impl<W: Write> RecordWriter<W> {
         out.extend_from_slice(lead!("cgroup_path"));
         push_opt_str(out, l.cgroup_path.as_deref());
         if let Some(workload) = l.workload.as_deref() {
-            if let Some(pod) = &workload.pod {
-                out.extend_from_slice(lead!("pod"));
-                serde_json::to_writer(&mut *out, pod)?;
-            }
-            if let Some(container) = &workload.container {
-                out.extend_from_slice(lead!("container"));
-                serde_json::to_writer(&mut *out, container)?;
-            }
+            push_pod_and_container(out, workload)?;
         }
         out.extend_from_slice(lead!("resolver"));
         self.resolver_text.push(out, l.resolver.as_ref())?;
