@@ -278,6 +278,11 @@ impl QueryTracker {
         query
     }
 
+    /// Counts drops linked to a query outside [`Self::on_drop`] (drops that waited for it).
+    pub fn count_linked_drops(&mut self, n: u64) {
+        self.stats.drops_linked += n;
+    }
+
     /// Whether [`Self::take_timed_out`] has queries to give.
     pub fn has_timed_out(&self) -> bool {
         !self.timed_out.is_empty()

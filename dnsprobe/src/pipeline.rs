@@ -107,6 +107,34 @@ pub struct Pipeline {
     pub last_sender: Option<(std::time::Instant, Sender)>,
 }
 
+/// Moves the drops in `waiting` that belong to `query` (its client and DNS id) into it, in time
+/// order, and says how many. The drop ring wakes the daemon at once while the packet ring is
+/// read at the tick: a drop of a resend can be read before its query was seen at all, and the
+/// answer to an earlier send, read in the same batch as the query, would end the query before
+/// the waiting drop was tried again.
+fn claim_waiting_drops(
+    waiting: &mut std::collections::VecDeque<DropRecord>,
+    query: &mut FinishedQuery,
+) -> u64 {
+    let before = query.drops.len();
+    waiting.retain(|d| {
+        let client = match d.packet {
+            DroppedPacket::Query => d.src,
+            DroppedPacket::Response => d.dst,
+        };
+        let mine = d.dns_id == Some(query.id) && client == query.client;
+        if mine {
+            query.drops.push(d.clone());
+        }
+        !mine
+    });
+    let claimed = query.drops.len() - before;
+    if claimed > 0 {
+        query.drops.sort_by_key(|d| d.ts_ns);
+    }
+    claimed as u64
+}
+
 /// How long a drop waits for its query to show up before it is reported on its own.
 const DROP_LINK_GRACE_NS: u64 = 200_000_000;
 const MAX_WAITING_DROPS: usize = 4096;
@@ -248,7 +276,9 @@ impl Pipeline {
         // Before the observation: a late answer is told apart by the query it was late for.
         self.finish_timed_out();
         match observed {
-            Observation::Finished(query) => {
+            Observation::Finished(mut query) => {
+                let claimed = claim_waiting_drops(&mut self.waiting_drops, &mut query);
+                self.tracker.count_linked_drops(claimed);
                 let now = query.response_ts_ns.unwrap_or_default();
                 self.finish_query(query, now);
             }
@@ -599,6 +629,50 @@ mod tests {
             std::slice::from_raw_parts((&e as *const DnsEvent).cast::<u8>(), size_of::<DnsEvent>())
         }
         .to_vec()
+    }
+
+    /// A drop read before its query, and that query answered (ended) in the next batch: the
+    /// drop goes with the query, in time order, and only drops of its client and id do.
+    #[test]
+    fn waiting_drops_of_an_ending_query_go_with_it() {
+        let mut q = crate::correlate::fixtures::query(None, "www.example.", Some(300), Some(0));
+        let drop = |ts_ns: u64, packet: DroppedPacket, client: &str, id: u16| {
+            let (client, server) = (client.parse().unwrap(), q.server);
+            let (src, dst) = match packet {
+                DroppedPacket::Query => (client, server),
+                DroppedPacket::Response => (server, client),
+            };
+            DropRecord {
+                ts_ns,
+                packet,
+                reason: "NETFILTER_DROP".into(),
+                kind: "conntrack_insert_failed".into(),
+                detail: None,
+                location: "nf_hook_slow+0x7d".into(),
+                netns_inum: 1,
+                src,
+                dst,
+                dns_id: Some(id),
+            }
+        };
+        let mut waiting: std::collections::VecDeque<DropRecord> = [
+            drop(300, DroppedPacket::Query, "10.0.0.1:4000", q.id),
+            drop(200, DroppedPacket::Query, "10.0.0.1:4000", q.id + 1),
+            drop(100, DroppedPacket::Response, "10.0.0.1:4000", q.id),
+            drop(50, DroppedPacket::Query, "10.0.0.1:4001", q.id),
+        ]
+        .into();
+        q.drops
+            .push(drop(200, DroppedPacket::Query, "10.0.0.1:4000", q.id));
+        assert_eq!(claim_waiting_drops(&mut waiting, &mut q), 2);
+        let times: Vec<u64> = q.drops.iter().map(|d| d.ts_ns).collect();
+        assert_eq!(times, [100, 200, 300]);
+        let left: Vec<u64> = waiting.iter().map(|d| d.ts_ns).collect();
+        assert_eq!(
+            left,
+            [200, 50],
+            "another id's and another client's drops stay"
+        );
     }
 
     /// Name, pid, tid and thread name of a finished query.
