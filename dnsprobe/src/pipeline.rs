@@ -107,8 +107,8 @@ pub struct Pipeline {
     pub last_sender: Option<(std::time::Instant, Sender)>,
 }
 
-/// Moves the drops in `waiting` that belong to `query` (its client and DNS id) into it, in time
-/// order, and says how many. The drop ring wakes the daemon at once while the packet ring is
+/// Moves the drops in `waiting` that belong to `query` (its client and DNS id, between its
+/// first send and its answer) into it, in time order, and says how many. The drop ring wakes the daemon at once while the packet ring is
 /// read at the tick: a drop of a resend can be read before its query was seen at all, and the
 /// answer to an earlier send, read in the same batch as the query, would end the query before
 /// the waiting drop was tried again.
@@ -117,12 +117,19 @@ fn claim_waiting_drops(
     query: &mut FinishedQuery,
 ) -> u64 {
     let before = query.drops.len();
+    let (from, to) = (
+        query.first_send_ns(),
+        query.response_ts_ns.unwrap_or(u64::MAX),
+    );
     waiting.retain(|d| {
         let client = match d.packet {
             DroppedPacket::Query => d.src,
             DroppedPacket::Response => d.dst,
         };
-        let mine = d.dns_id == Some(query.id) && client == query.client;
+        // A drop after the answer (a duplicate answer the client never read) is not part of
+        // the query's wait.
+        let mine =
+            d.dns_id == Some(query.id) && client == query.client && (from..=to).contains(&d.ts_ns);
         if mine {
             query.drops.push(d.clone());
         }
@@ -632,7 +639,8 @@ mod tests {
     }
 
     /// A drop read before its query, and that query answered (ended) in the next batch: the
-    /// drop goes with the query, in time order, and only drops of its client and id do.
+    /// drop goes with the query, in time order, and only drops of its client and id from its
+    /// wait do.
     #[test]
     fn waiting_drops_of_an_ending_query_go_with_it() {
         let mut q = crate::correlate::fixtures::query(None, "www.example.", Some(300), Some(0));
@@ -655,23 +663,27 @@ mod tests {
                 dns_id: Some(id),
             }
         };
+        // Sent at 1 ms, answered at 301 ms.
+        const MS: u64 = 1_000_000;
+        let answered = q.response_ts_ns.unwrap();
         let mut waiting: std::collections::VecDeque<DropRecord> = [
-            drop(300, DroppedPacket::Query, "10.0.0.1:4000", q.id),
-            drop(200, DroppedPacket::Query, "10.0.0.1:4000", q.id + 1),
-            drop(100, DroppedPacket::Response, "10.0.0.1:4000", q.id),
-            drop(50, DroppedPacket::Query, "10.0.0.1:4001", q.id),
+            drop(3 * MS, DroppedPacket::Query, "10.0.0.1:4000", q.id),
+            drop(2 * MS, DroppedPacket::Query, "10.0.0.1:4000", q.id + 1),
+            drop(answered, DroppedPacket::Response, "10.0.0.1:4000", q.id),
+            drop(MS / 2, DroppedPacket::Query, "10.0.0.1:4001", q.id),
+            drop(answered + 1, DroppedPacket::Response, "10.0.0.1:4000", q.id),
         ]
         .into();
         q.drops
-            .push(drop(200, DroppedPacket::Query, "10.0.0.1:4000", q.id));
+            .push(drop(2 * MS, DroppedPacket::Query, "10.0.0.1:4000", q.id));
         assert_eq!(claim_waiting_drops(&mut waiting, &mut q), 2);
         let times: Vec<u64> = q.drops.iter().map(|d| d.ts_ns).collect();
-        assert_eq!(times, [100, 200, 300]);
+        assert_eq!(times, [2 * MS, 3 * MS, answered]);
         let left: Vec<u64> = waiting.iter().map(|d| d.ts_ns).collect();
         assert_eq!(
             left,
-            [200, 50],
-            "another id's and another client's drops stay"
+            [2 * MS, MS / 2, answered + 1],
+            "another id's, another client's and a later drop stay"
         );
     }
 
