@@ -102,6 +102,17 @@ pub struct DropRecord {
     pub dns_id: Option<u16>,
 }
 
+impl DropRecord {
+    /// The client side of the dropped packet: the source of a query, the destination of a
+    /// response. With the DNS id it names the query the drop belongs to.
+    pub fn client(&self) -> SocketAddr {
+        match self.packet {
+            DroppedPacket::Query => self.src,
+            DroppedPacket::Response => self.dst,
+        }
+    }
+}
+
 /// Send times of a query: nearly always one or two, kept inline then.
 pub type SendTimes = smallvec::SmallVec<[u64; 2]>;
 
@@ -501,10 +512,7 @@ impl QueryTracker {
         let Some(id) = drop.dns_id else {
             return Some(drop);
         };
-        let client = match drop.packet {
-            DroppedPacket::Query => drop.src,
-            DroppedPacket::Response => drop.dst,
-        };
+        let client = drop.client();
         let slots = &self.slots;
         let Some(&slot) = self
             .by_client

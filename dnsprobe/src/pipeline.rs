@@ -108,8 +108,8 @@ pub struct Pipeline {
 }
 
 /// Moves the drops in `waiting` that belong to `query` (its client and DNS id, between its
-/// first send and its answer) into it, in time order, and says how many. The drop ring wakes the daemon at once while the packet ring is
-/// read at the tick: a drop of a resend can be read before its query was seen at all, and the
+/// first send and its answer) into it, in time order, and says how many. The drop ring wakes
+/// the daemon at once while the packet ring is read at the tick: a drop of a resend can be read before its query was seen at all, and the
 /// answer to an earlier send, read in the same batch as the query, would end the query before
 /// the waiting drop was tried again.
 fn claim_waiting_drops(
@@ -122,14 +122,11 @@ fn claim_waiting_drops(
         query.response_ts_ns.unwrap_or(u64::MAX),
     );
     waiting.retain(|d| {
-        let client = match d.packet {
-            DroppedPacket::Query => d.src,
-            DroppedPacket::Response => d.dst,
-        };
         // A drop after the answer (a duplicate answer the client never read) is not part of
         // the query's wait.
-        let mine =
-            d.dns_id == Some(query.id) && client == query.client && (from..=to).contains(&d.ts_ns);
+        let mine = d.dns_id == Some(query.id)
+            && d.client() == query.client
+            && (from..=to).contains(&d.ts_ns);
         if mine {
             query.drops.push(d.clone());
         }
@@ -299,6 +296,14 @@ impl Pipeline {
         self.write_lookups();
     }
 
+    /// Links a drop to its pending query; returns it when none took it. A query found timed
+    /// out by the drop's time ends first, so that the drop can be told late for it.
+    fn link_drop(&mut self, drop: DropRecord) -> Option<DropRecord> {
+        let unlinked = self.tracker.on_drop(drop);
+        self.finish_timed_out();
+        unlinked
+    }
+
     /// Ends the queries the tracker found timed out by a later packet of theirs.
     fn finish_timed_out(&mut self) {
         if !self.tracker.has_timed_out() {
@@ -396,8 +401,7 @@ impl Pipeline {
             dst: drop.dst,
             dns_id: drop.dns_id(),
         };
-        let unlinked = self.tracker.on_drop(record);
-        self.finish_timed_out();
+        let unlinked = self.link_drop(record);
         if let Some(unlinked) = unlinked {
             let late = self.recent.late_drop(&unlinked);
             if late.is_some() || self.waiting_drops.len() >= MAX_WAITING_DROPS {
@@ -430,8 +434,7 @@ impl Pipeline {
                 break;
             };
             let ts = drop.ts_ns;
-            let unlinked = self.tracker.on_drop(drop);
-            self.finish_timed_out();
+            let unlinked = self.link_drop(drop);
             if let Some(unlinked) = unlinked {
                 if now_ns.saturating_sub(ts) >= DROP_LINK_GRACE_NS {
                     {
@@ -473,8 +476,7 @@ impl Pipeline {
 
     pub fn close_all_lookups(&mut self) {
         while let Some(drop) = self.waiting_drops.pop_front() {
-            let unlinked = self.tracker.on_drop(drop);
-            self.finish_timed_out();
+            let unlinked = self.link_drop(drop);
             if let Some(unlinked) = unlinked {
                 {
                     let late = self.recent.late_drop(&unlinked);
