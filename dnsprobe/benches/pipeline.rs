@@ -250,6 +250,13 @@ fn heap_per_pending_query(missing: &std::path::Path, queries: usize, cap: usize)
     black_box(pipeline);
 }
 
+fn evict_caches(buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate().step_by(64) {
+        *b = b.wrapping_add(i as u8);
+    }
+    black_box(buf);
+}
+
 /// Time and allocations (including reallocations) per query of `f`.
 fn per_query(records: &[Vec<u8>], queries: usize, f: impl FnOnce(&[Vec<u8>])) -> (f64, f64) {
     let allocations = ALLOCATIONS.load(Ordering::Relaxed);
@@ -282,6 +289,18 @@ fn main() {
     );
     // DNSPROBE_BENCH_SHAPE=dnsperf-like (or another shape's name) runs one shape, for `perf record`.
     let only = std::env::var("DNSPROBE_BENCH_SHAPE").ok();
+    // DNSPROBE_BENCH_COLD=1 overwrites 64 MiB before every tick, untimed: between its wake-ups
+    // other programs push the daemon's data and code out of the caches.
+    let mut cold = std::env::var_os("DNSPROBE_BENCH_COLD").map(|_| {
+        vec![
+            0u8;
+            std::env::var("DNSPROBE_BENCH_COLD_MIB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(64usize)
+                << 20
+        ]
+    });
     let shapes: [(&str, MakeRecords); 3] = [
         ("dnsperf-like", dnsperf_like),
         ("dnsperf-paced", dnsperf_paced),
@@ -298,6 +317,7 @@ fn main() {
             }
         });
         let mut pipeline = Pipeline::offline(&missing);
+        let mut evicted = std::time::Duration::ZERO;
         let (full, full_allocs) = per_query(&records, queries, |rs| {
             // The daemon's tick (`--flush-interval`, 1 s by default), in the records' own clock.
             let mut next_tick = 0;
@@ -308,6 +328,11 @@ fn main() {
                 for r in batch {
                     let ts = read_event(r).map(|e| e.header.ts_ns).unwrap_or_default();
                     if ts >= next_tick {
+                        if let Some(buf) = cold.as_mut() {
+                            let start = Instant::now();
+                            evict_caches(buf);
+                            evicted += start.elapsed();
+                        }
                         pipeline.expire_at(ts);
                         pipeline.flush();
                         next_tick = ts + 1_000_000_000;
@@ -318,6 +343,7 @@ fn main() {
             pipeline.close_all_lookups();
             pipeline.flush();
         });
+        let full = full - evicted.as_nanos() as f64 / queries as f64;
         let t = pipeline.tracker.stats();
         assert_eq!(
             t.answered as usize, queries,

@@ -700,8 +700,14 @@ pub struct LookupTracker {
     max_open: usize,
     diagnosis: DiagnosisConfig,
     stats: LookupStats,
-    /// Records of lookups that closed as their last query finished, for [`Self::take_closed`].
-    closed: Vec<LookupRecord>,
+    /// Lookups closed whose records [`Self::take_closed`] builds: those that closed as their
+    /// last query finished, and with [`Self::deferring_records`] every one.
+    #[expect(
+        clippy::vec_box,
+        reason = "a lookup stays boxed from its first query to its record, moved as a box"
+    )]
+    ended: Vec<Box<OpenLookup>>,
+    defer_records: bool,
 }
 
 impl LookupTracker {
@@ -727,8 +733,23 @@ impl LookupTracker {
             max_open: max_open.clamp(1, u32::MAX as usize),
             diagnosis,
             stats: LookupStats::default(),
-            closed: Vec::new(),
+            ended: Vec::new(),
+            defer_records: false,
         }
+    }
+
+    /// From now on a closed lookup's record is built by [`Self::take_closed`] rather than
+    /// given to the caller that closed it. Building a record (its diagnosis above all) runs
+    /// through about as much code as a query's whole path; done a few at a time, that code
+    /// and the packet path's push each other out of the instruction cache less often.
+    pub fn deferring_records(mut self) -> Self {
+        self.defer_records = true;
+        self
+    }
+
+    /// Closed lookups whose records wait for [`Self::take_closed`].
+    pub fn closed_waiting(&self) -> usize {
+        self.ended.len()
     }
 
     pub fn stats(&self) -> LookupStats {
@@ -902,15 +923,19 @@ impl LookupTracker {
             .max(query.response_ts_ns.unwrap_or(now_ns));
         lookup.add(query);
         if !lookup.indexed && lookup.pending == 0 {
-            let mut closed = std::mem::take(&mut self.closed);
-            self.close(id, &mut closed);
-            self.closed = closed;
+            if let Some(lookup) = self.take(id) {
+                self.ended.push(lookup);
+            }
         }
     }
 
-    /// Lookups closed as their last query finished (see [`Self::query_finished`]).
+    /// The records of lookups closed as their last query finished (see
+    /// [`Self::query_finished`]), and with [`Self::deferring_records`] of all closed since.
     pub fn take_closed(&mut self, out: &mut Vec<LookupRecord>) {
-        out.append(&mut self.closed);
+        let mut ended = std::mem::take(&mut self.ended);
+        out.extend(ended.drain(..).filter_map(|lookup| self.finish(*lookup)));
+        // The allocation is kept for the next ones.
+        self.ended = ended;
     }
 
     /// A response or drop that came too late for its query. Returns it back when no lookup is
@@ -1010,7 +1035,9 @@ impl LookupTracker {
         let Some(lookup) = self.take(id) else {
             return;
         };
-        if let Some(record) = self.finish(*lookup) {
+        if self.defer_records {
+            self.ended.push(lookup);
+        } else if let Some(record) = self.finish(*lookup) {
             out.push(record);
         }
     }
@@ -1971,6 +1998,51 @@ mod tests {
             max_open,
             CFG,
         )
+    }
+
+    /// A tracker deferring records gives, through `take_closed`, the very records a tracker
+    /// giving them at once does, in the same order, whatever closed the lookups: a new call,
+    /// eviction, idleness, shutdown.
+    #[test]
+    fn deferred_records_are_the_records_given_at_once() {
+        const NAME: &str = "www.example.com.";
+        const OTHER: &str = "other.example.com.";
+        let run = |mut t: LookupTracker| {
+            let mut out = Vec::new();
+            let name: QName = NAME.into();
+            let other: QName = OTHER.into();
+            let answer = |t: &mut LookupTracker, n: &str, id, sent, lookup| {
+                t.query_finished(
+                    with_lookup(query(n, 1, id, &[sent], Some(sent + MS), Some(0)), lookup),
+                    sent + MS,
+                );
+            };
+            // Answered, then asked again 100 ms later: a new call closes the first lookup.
+            let a = t.query_started(0, &name, 1, &sender(), &mut out);
+            answer(&mut t, NAME, 1, 0, a);
+            let b = t.query_started(100 * MS, &name, 1, &sender(), &mut out);
+            answer(&mut t, NAME, 2, 100 * MS, b);
+            // Room for one lookup: another name evicts the second.
+            let c = t.query_started(200 * MS, &other, 1, &sender(), &mut out);
+            answer(&mut t, OTHER, 3, 200 * MS, c);
+            t.close_idle(900 * MS, &mut out);
+            let d = t.query_started(1000 * MS, &other, 1, &sender(), &mut out);
+            answer(&mut t, OTHER, 4, 1000 * MS, d);
+            t.close_all(&mut out);
+            t.take_closed(&mut out);
+            assert_eq!(t.closed_waiting(), 0);
+            (out, t.stats())
+        };
+        let (at_once, at_once_stats) = run(tracker(1));
+        let (deferred, deferred_stats) = run(tracker(1).deferring_records());
+        assert_eq!(
+            at_once.len(),
+            4,
+            "the scenario closed other lookups: {at_once:?}"
+        );
+        assert_eq!(at_once_stats.evicted, 1, "no lookup was evicted");
+        assert_eq!(deferred, at_once);
+        assert_eq!(format!("{deferred_stats:?}"), format!("{at_once_stats:?}"));
     }
 
     /// Whether a lookup is over follows kernel time, not when the daemon looked: a query or a

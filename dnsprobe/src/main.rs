@@ -230,7 +230,8 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
                 slow_ns: u64::try_from(args.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
                 query_timeout_ns: u64::try_from(args.query_timeout.as_nanos()).unwrap_or(u64::MAX),
             },
-        ),
+        )
+        .deferring_records(),
         lookup_out: Vec::new(),
         recent: RecentQueries::new(
             u64::try_from(args.query_timeout.as_nanos())

@@ -63,6 +63,12 @@ impl<W: std::io::Write> Sink for RecordWriter<W> {
     }
 }
 
+/// Closed lookups whose records are built and written together (see
+/// `LookupTracker::deferring_records`). Few: glibc's per-thread cache keeps 7 freed blocks of a
+/// size, and larger batches, freed together, spilled into its slower bins (the pipeline bench
+/// measured 8 about 4% cheaper per query than one at a time, 32 no better than one).
+const LOOKUP_WRITE_BATCH: usize = 8;
+
 /// Counters of the userspace pipeline, for the periodic and final summaries.
 #[derive(Debug, Default)]
 pub struct PipelineStats {
@@ -195,7 +201,8 @@ impl Pipeline {
                     slow_ns: 500_000_000,
                     query_timeout_ns: timeout_ns,
                 },
-            ),
+            )
+            .deferring_records(),
             lookup_out: Vec::new(),
             recent: RecentQueries::new(timeout_ns.saturating_mul(2), max_inflight),
             finished: Vec::new(),
@@ -293,7 +300,11 @@ impl Pipeline {
             }
             Observation::Nothing | Observation::Started | Observation::Resent => {}
         }
-        self.write_lookups();
+        // Lookups closed by this packet wait for a few more (see `LOOKUP_WRITE_BATCH`); the
+        // flush writes what is left.
+        if self.lookups.closed_waiting() >= LOOKUP_WRITE_BATCH {
+            self.write_lookups();
+        }
     }
 
     /// Links a drop to its pending query; returns it when none took it. A query found timed
@@ -418,6 +429,7 @@ impl Pipeline {
     /// of it, when the caller already asked.
     fn emit_unlinked(&mut self, unlinked: DropRecord, late: Option<LateArrival>) {
         self.stats.unlinked_drops += 1;
+        self.write_lookups();
         for sink in &mut self.sinks {
             sink.packet_drop(&unlinked);
         }
@@ -495,6 +507,7 @@ impl Pipeline {
     }
 
     pub fn flush(&mut self) {
+        self.write_lookups();
         for sink in &mut self.sinks {
             sink.flush();
         }
