@@ -830,8 +830,9 @@ fn part1(
         "Cell length {secs} s, {clients} dnsperf clients, unbound with 1 thread. `reported`: \
          dnsprobe's `queries=` (tcpdump: packets captured, i.e. queries + responses); `lost`: \
          dnsprobe's `lost_events=` (tcpdump: packets dropped by kernel); `cpu µs/q`: user+sys \
-         from /proc/<pid>/stat, sampled at each timer tick, which the target is judged on; \
-         `run µs/q`: the scheduler's exact on-CPU time (schedstat) of the same window.\n"
+         from /proc/<pid>/stat, sampled at each timer tick; `run µs/q`: the scheduler's exact \
+         on-CPU time (schedstat) of the same window. The CPU target is met when both are \
+         under it.\n"
     );
     let _ = writeln!(out, "```");
     let _ = writeln!(
@@ -893,8 +894,15 @@ fn part1(
                 let ok = o.reported >= r.perf.sent && o.lost == 0;
                 verdicts.push(format!("complete {}", verdict(ok)));
             }
-            let cpu_us = o.cpu_s * 1e6 / r.perf.completed.max(1) as f64;
-            verdicts.push(format!("cpu {}", verdict(cpu_us <= TARGET_CPU_US)));
+            // Both figures: sampled at ticks, a short cell of a daemon that runs in bursts can
+            // come out under the target while the scheduler's exact time is over it.
+            let answered = r.perf.completed.max(1) as f64;
+            let cpu_us = o.cpu_s * 1e6 / answered;
+            let run_us = o.run_s * 1e6 / answered;
+            verdicts.push(format!(
+                "cpu {}",
+                verdict(cpu_us <= TARGET_CPU_US && run_us <= TARGET_CPU_US)
+            ));
             if r.rate == Some(TARGET_RATIO_RATE) {
                 verdicts.push(format!("ratio {}", verdict(r.ratio >= TARGET_RATIO)));
             }
