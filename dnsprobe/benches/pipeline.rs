@@ -289,18 +289,21 @@ fn main() {
     );
     // DNSPROBE_BENCH_SHAPE=dnsperf-like (or another shape's name) runs one shape, for `perf record`.
     let only = std::env::var("DNSPROBE_BENCH_SHAPE").ok();
-    // DNSPROBE_BENCH_COLD=1 overwrites 64 MiB before every tick, untimed: between its wake-ups
-    // other programs push the daemon's data and code out of the caches.
-    let mut cold = std::env::var_os("DNSPROBE_BENCH_COLD").map(|_| {
-        vec![
-            0u8;
-            std::env::var("DNSPROBE_BENCH_COLD_MIB")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(64usize)
-                << 20
-        ]
-    });
+    // DNSPROBE_BENCH_COLD=1 overwrites 64 MiB (or DNSPROBE_BENCH_COLD_MIB) before every tick,
+    // untimed: between its wake-ups other programs push the daemon's data and code out of the
+    // caches. Set but empty, it is off.
+    let mut cold = std::env::var_os("DNSPROBE_BENCH_COLD")
+        .filter(|v| !v.is_empty())
+        .map(|_| {
+            vec![
+                0u8;
+                std::env::var("DNSPROBE_BENCH_COLD_MIB")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(64usize)
+                    << 20
+            ]
+        });
     let shapes: [(&str, MakeRecords); 3] = [
         ("dnsperf-like", dnsperf_like),
         ("dnsperf-paced", dnsperf_paced),
