@@ -107,6 +107,45 @@ fn read<T: Copy>(ctx: &SkBuffContext, offset: usize) -> Result<T, i64> {
     }
 }
 
+/// The transport protocol (UDP or TCP) of an IPv6 packet and its offset from the IPv6 header,
+/// past up to `MAX_IPV6_EXT_HEADERS` extension headers; `None` for anything else and for a
+/// fragment other than the first, which has no transport header. `next` is the fixed header's
+/// next-header field, `read4` reads four bytes at an offset from the IPv6 header. Shared by the
+/// socket hooks (packet memory) and the drop hook (kernel memory), so that both walk the same.
+#[inline(always)]
+fn ipv6_transport(
+    mut next: u8,
+    read4: impl Fn(usize) -> Result<[u8; 4], i64>,
+) -> Result<Option<(u8, usize)>, i64> {
+    let mut offset = IPV6_HDR_LEN;
+    let mut i = 0;
+    while i < MAX_IPV6_EXT_HEADERS {
+        match next {
+            PROTO_UDP | PROTO_TCP => break,
+            // Every extension header is at least eight bytes, so four can be read.
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let ext = read4(offset)?;
+                next = ext[0];
+                offset += (ext[1] as usize + 1) * 8;
+            }
+            IPPROTO_FRAGMENT => {
+                let frag = read4(offset)?;
+                if (u16::from_be_bytes([frag[2], frag[3]]) & 0xfff8) != 0 {
+                    return Ok(None);
+                }
+                next = frag[0];
+                offset += 8;
+            }
+            _ => return Ok(None),
+        }
+        i += 1;
+    }
+    if next != PROTO_UDP && next != PROTO_TCP {
+        return Ok(None);
+    }
+    Ok(Some((next, offset)))
+}
+
 #[inline(always)]
 fn parse_l3(ctx: &SkBuffContext) -> Result<Option<L3>, i64> {
     // cgroup_skb programs see the packet from the network header on.
@@ -140,32 +179,9 @@ fn parse_l3(ctx: &SkBuffContext) -> Result<Option<L3>, i64> {
         }
         6 => {
             let hdr: [u8; IPV6_HDR_LEN] = read(ctx, 0)?;
-            let mut next = hdr[6];
-            let mut offset = IPV6_HDR_LEN;
-            let mut i = 0;
-            while i < MAX_IPV6_EXT_HEADERS {
-                match next {
-                    PROTO_UDP | PROTO_TCP => break,
-                    IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                        let ext: [u8; 2] = read(ctx, offset)?;
-                        next = ext[0];
-                        offset += (ext[1] as usize + 1) * 8;
-                    }
-                    IPPROTO_FRAGMENT => {
-                        let frag: [u8; 4] = read(ctx, offset)?;
-                        if (u16::from_be_bytes([frag[2], frag[3]]) & 0xfff8) != 0 {
-                            return Ok(None);
-                        }
-                        next = frag[0];
-                        offset += 8;
-                    }
-                    _ => return Ok(None),
-                }
-                i += 1;
-            }
-            if next != PROTO_UDP && next != PROTO_TCP {
+            let Some((next, offset)) = ipv6_transport(hdr[6], |at| read(ctx, at))? else {
                 return Ok(None);
-            }
+            };
             let mut saddr = [0u8; 16];
             let mut daddr = [0u8; 16];
             saddr.copy_from_slice(&hdr[8..24]);
@@ -497,11 +513,14 @@ fn try_drop(ctx: &BtfTracePointContext) -> Result<(), i64> {
             saddr.copy_from_slice(&ip6[8..24]);
             daddr.copy_from_slice(&ip6[24..40]);
             let payload = u16::from_be_bytes([ip6[4], ip6[5]]) as u32;
-            // Extension headers are left out here: drops of such DNS packets are rare.
+            let Some((proto, l4_offset)) = ipv6_transport(ip6[6], |at| kread(l3, at as u32))?
+            else {
+                return Ok(());
+            };
             (
                 FAMILY_IPV6,
-                ip6[6],
-                IPV6_HDR_LEN as u32,
+                proto,
+                l4_offset as u32,
                 IPV6_HDR_LEN as u32 + payload,
             )
         }

@@ -1,5 +1,6 @@
 //! The kernel programs against unusual and hostile packets: IPv4 options, an IPv6 extension
-//! header, a query large enough to be fragmented on the wire, and a UDP length field that lies.
+//! header, a query large enough to be fragmented on the wire, and a UDP length field that lies
+//! (over IPv4, and over IPv6 behind an extension header).
 //! The verifier already accepted the programs (the daemon started); here they must also read
 //! these packets right: the right question, from the right client, matched with its answer.
 
@@ -125,6 +126,31 @@ fn ip_options_extension_headers_fragments_and_length_lies_are_read_right() {
         r.drops
             .iter()
             .any(|d| d.reason == "PKT_TOO_SMALL" && d.dns_id == Some(4104)),
+        "{r:?}"
+    );
+
+    // The same lie over IPv6, behind a destination-options header: the drop hook walks the
+    // extension header to the UDP header as the socket hooks do.
+    let name = format!("lie6-{tag}.test.internal.");
+    run_py(
+        &world,
+        &format!(
+            "q = query('{name}', 4105)\n\
+             s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP)\n\
+             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))\n\
+             udp = struct.pack('>HHHH', 40405, 53, len(q) + 8 + 100, 0) + q\n\
+             s.sendto(udp, ('{v6}', 0))\n"
+        ),
+    )
+    .assert_success();
+    let r = wait_record(&daemon, &world, &name);
+    assert_eq!(r.id, 4105, "{r:?}");
+    assert_eq!(r.client, format!("[{}]:40405", world.client_v6), "{r:?}");
+    assert_eq!(r.outcome, "dropped", "{r:?}");
+    assert!(
+        r.drops
+            .iter()
+            .any(|d| d.reason == "PKT_TOO_SMALL" && d.dns_id == Some(4105)),
         "{r:?}"
     );
 
