@@ -115,9 +115,9 @@ pub struct Pipeline {
 
 /// Moves the drops in `waiting` that belong to `query` (its client and DNS id, between its
 /// first send and its answer) into it, in time order, and says how many. The drop ring wakes
-/// the daemon at once while the packet ring is read at the tick: a drop of a resend can be read before its query was seen at all, and the
-/// answer to an earlier send, read in the same batch as the query, would end the query before
-/// the waiting drop was tried again.
+/// the daemon at once while the packet ring is read at the tick: a drop of a resend can be
+/// read before its query was seen at all, and the answer to an earlier send, read in the same
+/// batch as the query, would end the query before the waiting drop was tried again.
 fn claim_waiting_drops(
     waiting: &mut std::collections::VecDeque<DropRecord>,
     query: &mut FinishedQuery,
