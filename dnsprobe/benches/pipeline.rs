@@ -304,6 +304,13 @@ fn main() {
                     << 20
             ]
         });
+    // DNSPROBE_BENCH_IDLE_MS=900 sleeps that long before every tick, untimed, as the daemon
+    // sleeps between its ticks at low rates: the figures then include coming back to a CPU
+    // that was idle (or given to someone else) meanwhile.
+    let idle = std::env::var("DNSPROBE_BENCH_IDLE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis);
     let shapes: [(&str, MakeRecords); 3] = [
         ("dnsperf-like", dnsperf_like),
         ("dnsperf-paced", dnsperf_paced),
@@ -334,6 +341,11 @@ fn main() {
                         if let Some(buf) = cold.as_mut() {
                             let start = Instant::now();
                             evict_caches(buf);
+                            evicted += start.elapsed();
+                        }
+                        if let Some(idle) = idle {
+                            let start = Instant::now();
+                            std::thread::sleep(idle);
                             evicted += start.elapsed();
                         }
                         pipeline.expire_at(ts);
