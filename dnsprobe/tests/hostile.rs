@@ -40,6 +40,53 @@ fn wait_record(daemon: &Daemon, world: &World, qname: &str) -> support::QueryRec
         .expect("waited for it")
 }
 
+/// A query sent from a raw socket with a UDP length 100 bytes longer than the packet.
+struct LengthLie {
+    qname: String,
+    qid: u16,
+    /// The client's source port.
+    port: u16,
+    /// Python that opens the raw socket as `s`.
+    socket_py: &'static str,
+    server: String,
+    /// The record's `client`, as the daemon writes it.
+    client: String,
+}
+
+/// Sends `lie` and checks its record: the question and client read from the bytes that are
+/// there, and the server's drop of it for its length (`PKT_TOO_SMALL`) read right by the drop
+/// hook and linked to it.
+fn assert_length_lie_dropped(daemon: &Daemon, world: &World, lie: &LengthLie) {
+    let LengthLie {
+        qname,
+        qid,
+        port,
+        socket_py,
+        server,
+        client,
+    } = lie;
+    run_py(
+        world,
+        &format!(
+            "q = query('{qname}', {qid})\n\
+             {socket_py}\n\
+             udp = struct.pack('>HHHH', {port}, 53, len(q) + 8 + 100, 0) + q\n\
+             s.sendto(udp, ('{server}', 0))\n"
+        ),
+    )
+    .assert_success();
+    let r = wait_record(daemon, world, qname);
+    assert_eq!(r.id, *qid, "{r:?}");
+    assert_eq!(&r.client, client, "{r:?}");
+    assert_eq!(r.outcome, "dropped", "{r:?}");
+    assert!(
+        r.drops
+            .iter()
+            .any(|d| d.reason == "PKT_TOO_SMALL" && d.dns_id == Some(*qid)),
+        "{r:?}"
+    );
+}
+
 #[test]
 fn ip_options_extension_headers_fragments_and_length_lies_are_read_right() {
     if skip_unless_root("ip_options_extension_headers_fragments_and_length_lies_are_read_right") {
@@ -106,52 +153,32 @@ fn ip_options_extension_headers_fragments_and_length_lies_are_read_right() {
 
     // A UDP length field claiming 100 bytes more than the packet has, from a raw socket. The
     // daemon must take the question from the bytes that are there, not from the lie.
-    let name = format!("lie-{tag}.test.internal.");
-    run_py(
+    assert_length_lie_dropped(
+        &daemon,
         &world,
-        &format!(
-            "q = query('{name}', 4104)\n\
-             s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)\n\
-             udp = struct.pack('>HHHH', 40404, 53, len(q) + 8 + 100, 0) + q\n\
-             s.sendto(udp, ('{v4}', 0))\n"
-        ),
-    )
-    .assert_success();
-    let r = wait_record(&daemon, &world, &name);
-    assert_eq!(r.id, 4104, "{r:?}");
-    assert_eq!(r.client, format!("{}:40404", world.client_v4), "{r:?}");
-    // The server's stack drops it for its length, and the drop hook reads the lie right too.
-    assert_eq!(r.outcome, "dropped", "{r:?}");
-    assert!(
-        r.drops
-            .iter()
-            .any(|d| d.reason == "PKT_TOO_SMALL" && d.dns_id == Some(4104)),
-        "{r:?}"
+        &LengthLie {
+            qname: format!("lie-{tag}.test.internal."),
+            qid: 4104,
+            port: 40404,
+            socket_py: "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)",
+            server: v4.clone(),
+            client: format!("{}:40404", world.client_v4),
+        },
     );
-
     // The same lie over IPv6, behind a destination-options header: the drop hook walks the
     // extension header to the UDP header as the socket hooks do.
-    let name = format!("lie6-{tag}.test.internal.");
-    run_py(
+    assert_length_lie_dropped(
+        &daemon,
         &world,
-        &format!(
-            "q = query('{name}', 4105)\n\
-             s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP)\n\
-             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))\n\
-             udp = struct.pack('>HHHH', 40405, 53, len(q) + 8 + 100, 0) + q\n\
-             s.sendto(udp, ('{v6}', 0))\n"
-        ),
-    )
-    .assert_success();
-    let r = wait_record(&daemon, &world, &name);
-    assert_eq!(r.id, 4105, "{r:?}");
-    assert_eq!(r.client, format!("[{}]:40405", world.client_v6), "{r:?}");
-    assert_eq!(r.outcome, "dropped", "{r:?}");
-    assert!(
-        r.drops
-            .iter()
-            .any(|d| d.reason == "PKT_TOO_SMALL" && d.dns_id == Some(4105)),
-        "{r:?}"
+        &LengthLie {
+            qname: format!("lie6-{tag}.test.internal."),
+            qid: 4105,
+            port: 40405,
+            socket_py: "s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP)\n\
+                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))",
+            server: v6.clone(),
+            client: format!("[{}]:40405", world.client_v6),
+        },
     );
 
     let stopped = daemon.stop();
