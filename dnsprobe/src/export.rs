@@ -568,6 +568,9 @@ struct LateJson<'a> {
     cgroup_id: u64,
 }
 
+/// Bytes of records gathered before they are written out (besides every flush).
+const OUTPUT_BATCH: usize = 64 * 1024;
+
 pub enum RecordFormat {
     Json,
     Text,
@@ -575,9 +578,10 @@ pub enum RecordFormat {
 
 pub struct RecordWriter<W: Write> {
     out: W,
-    /// One record is serialised here first and written with one call: serde_json writes a
-    /// record in dozens of small pieces, each a call through `out`.
-    line: Vec<u8>,
+    /// Whole records not yet written to `out`, each ending in a newline: written when
+    /// [`OUTPUT_BATCH`] bytes have gathered and at every flush. Records are serialised here
+    /// directly: a line buffer copied into a `BufWriter` copied every record twice.
+    pending: Vec<u8>,
     seconds: SecondText,
     client_ip: Ipv4Text,
     server_ip: Ipv4Text,
@@ -593,7 +597,7 @@ impl<W: Write> RecordWriter<W> {
     pub fn new(out: W, format: RecordFormat, clock: WallClock) -> Self {
         Self {
             out,
-            line: Vec::with_capacity(1024),
+            pending: Vec::with_capacity(OUTPUT_BATCH + 4096),
             seconds: SecondText::default(),
             client_ip: Ipv4Text::default(),
             server_ip: Ipv4Text::default(),
@@ -628,25 +632,27 @@ impl<W: Write> RecordWriter<W> {
     pub fn write_query(&mut self, q: &FinishedQuery) -> Result<(), ExportError> {
         match self.format {
             RecordFormat::Json => {
-                self.line.clear();
-                self.query_json(q)?;
-                self.line.push(b'\n');
-                self.out.write_all(&self.line)?;
+                let start = self.pending.len();
+                if let Err(err) = self.query_json(q) {
+                    self.pending.truncate(start);
+                    return Err(err);
+                }
+                self.pending.push(b'\n');
             }
             RecordFormat::Text => {
                 let line = text_line(q, &self.clock);
-                self.out.write_all(line.as_bytes())?;
+                self.pending.extend_from_slice(line.as_bytes());
             }
         }
         self.written += 1;
-        Ok(())
+        self.write_if_full()
     }
 
-    /// A query record into `self.line`, in the field order of the README.
+    /// A query record onto `self.pending`, in the field order of the README.
     fn query_json(&mut self, q: &FinishedQuery) -> Result<(), ExportError> {
         let clock = self.clock;
         let seconds = &mut self.seconds;
-        let out = &mut self.line;
+        let out = &mut self.pending;
         out.extend_from_slice(b"{\"event\":\"query\",\"time\":");
         push_json_time(out, Timestamp(clock.wall_ns(q.first_send_ns())), seconds);
         out.extend_from_slice(lead!("qname"));
@@ -698,11 +704,11 @@ impl<W: Write> RecordWriter<W> {
         Ok(())
     }
 
-    /// A lookup record into `self.line`, in the field order of the README, the way
+    /// A lookup record onto `self.pending`, in the field order of the README, the way
     /// [`Self::query_json`] writes a query: at low rates nearly every query is a lookup of its
     /// own, and serde made its record cost three times the query's.
     fn lookup_json(&mut self, l: &LookupRecord) -> Result<(), ExportError> {
-        let out = &mut self.line;
+        let out = &mut self.pending;
         out.extend_from_slice(b"{\"event\":");
         push_json_str(out, l.event);
         out.extend_from_slice(lead!("time"));
@@ -746,12 +752,31 @@ impl<W: Write> RecordWriter<W> {
         Ok(())
     }
 
-    /// One JSON record and its newline.
+    /// One JSON record and its newline; nothing of it when it cannot be serialised.
     fn json_line(&mut self, record: &impl Serialize) -> Result<(), ExportError> {
-        self.line.clear();
-        serde_json::to_writer(&mut self.line, record)?;
-        self.line.push(b'\n');
-        self.out.write_all(&self.line)?;
+        let start = self.pending.len();
+        if let Err(err) = serde_json::to_writer(&mut self.pending, record) {
+            self.pending.truncate(start);
+            return Err(err.into());
+        }
+        self.pending.push(b'\n');
+        Ok(())
+    }
+
+    /// Writes the pending records out once a batch has gathered.
+    fn write_if_full(&mut self) -> Result<(), ExportError> {
+        if self.pending.len() >= OUTPUT_BATCH {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the pending records out. They are dropped when the write fails, so that an
+    /// output gone for good (a closed pipe) cannot grow the buffer: the failure is counted.
+    fn write_pending(&mut self) -> Result<(), ExportError> {
+        let result = self.out.write_all(&self.pending);
+        self.pending.clear();
+        result?;
         Ok(())
     }
 
@@ -780,20 +805,22 @@ impl<W: Write> RecordWriter<W> {
                     d.location,
                     d.netns_inum,
                 );
-                self.out.write_all(line.as_bytes())?;
+                self.pending.extend_from_slice(line.as_bytes());
             }
         }
         self.written += 1;
-        Ok(())
+        self.write_if_full()
     }
 
     pub fn write_lookup(&mut self, l: &LookupRecord) -> Result<(), ExportError> {
         match self.format {
             RecordFormat::Json => {
-                self.line.clear();
-                self.lookup_json(l)?;
-                self.line.push(b'\n');
-                self.out.write_all(&self.line)?;
+                let start = self.pending.len();
+                if let Err(err) = self.lookup_json(l) {
+                    self.pending.truncate(start);
+                    return Err(err);
+                }
+                self.pending.push(b'\n');
             }
             RecordFormat::Text => {
                 let who = who(l.comm.as_deref(), l.pid);
@@ -810,11 +837,11 @@ impl<W: Write> RecordWriter<W> {
                 for d in &l.diagnosis {
                     line.push_str(&format!("    {}: {}\n", d.code, d.message));
                 }
-                self.out.write_all(line.as_bytes())?;
+                self.pending.extend_from_slice(line.as_bytes());
             }
         }
         self.written += 1;
-        Ok(())
+        self.write_if_full()
     }
 
     pub fn write_late(&mut self, l: &LateArrival) -> Result<(), ExportError> {
@@ -843,16 +870,34 @@ impl<W: Write> RecordWriter<W> {
                     l.id,
                     l.why
                 );
-                self.out.write_all(line.as_bytes())?;
+                self.pending.extend_from_slice(line.as_bytes());
             }
         }
         self.written += 1;
-        Ok(())
+        self.write_if_full()
     }
 
     pub fn flush(&mut self) -> Result<(), ExportError> {
+        self.write_pending()?;
         self.out.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+impl RecordWriter<Vec<u8>> {
+    /// Everything written so far, pending records included.
+    fn take_text(&mut self) -> String {
+        self.flush().expect("writing to a Vec");
+        String::from_utf8(std::mem::take(&mut self.out)).expect("records are UTF-8")
+    }
+}
+
+impl<W: Write> Drop for RecordWriter<W> {
+    /// Records still pending are written on the way out, as a `BufWriter` would; a failure
+    /// here has nobody left to tell.
+    fn drop(&mut self) {
+        let _ = self.flush();
     }
 }
 
@@ -1066,6 +1111,60 @@ mod tests {
         }
     }
 
+    /// Fails every write, as a closed pipe does.
+    struct ClosedPipe {
+        writes: usize,
+    }
+
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            self.writes += 1;
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn records_gather_into_large_writes_and_a_failed_write_is_counted_not_kept() {
+        let clock = WallClock { offset_ns: 0 };
+        let q = finished(Outcome::Answered);
+        let mut w = RecordWriter::new(Vec::new(), RecordFormat::Json, clock);
+        w.write_query(&q).unwrap();
+        assert!(
+            w.out.is_empty(),
+            "one record is written out with the next batch or flush"
+        );
+        let mut records = 1;
+        while w.out.is_empty() {
+            w.write_query(&q).unwrap();
+            records += 1;
+            assert!(records < 10_000, "a batch never went out");
+        }
+        assert!(w.out.len() >= OUTPUT_BATCH && w.pending.is_empty());
+        w.write_query(&q).unwrap();
+        let text = w.take_text();
+        assert_eq!(text.lines().count(), records + 1);
+        assert!(text.lines().all(|l| l.starts_with("{\"event\":\"query\"")));
+
+        let mut w = RecordWriter::new(ClosedPipe { writes: 0 }, RecordFormat::Json, clock);
+        let mut failed = 0;
+        for _ in 0..records + 1 {
+            let result = w.write_query(&q);
+            failed += usize::from(result.is_err());
+            w.note(result);
+        }
+        w.flush().unwrap_err();
+        assert_eq!(failed, 1, "one batch went out, and failed");
+        assert_eq!(w.errors(), 1);
+        assert!(
+            w.pending.is_empty(),
+            "what failed is not kept to grow without bound"
+        );
+        assert_eq!(w.out.writes, 2);
+    }
+
     #[test]
     fn consecutive_records_of_different_senders_each_say_their_own() {
         use crate::attribute::{PodIdentity, Workload};
@@ -1101,11 +1200,11 @@ mod tests {
         for q in queries {
             w.write_query(q).unwrap();
         }
-        let text = String::from_utf8(w.out).unwrap();
+        let text = w.take_text();
         for (line, q) in text.lines().zip(queries) {
             let mut alone = RecordWriter::new(Vec::new(), RecordFormat::Json, clock);
             alone.write_query(q).unwrap();
-            assert_eq!(format!("{line}\n"), String::from_utf8(alone.out).unwrap());
+            assert_eq!(format!("{line}\n"), alone.take_text());
         }
         let names: Vec<serde_json::Value> = text
             .lines()
@@ -1251,7 +1350,7 @@ mod tests {
             w.write_lookup(r).unwrap();
             expected += &serde_lookup_line(r, clock);
         }
-        let written = String::from_utf8(w.out).unwrap();
+        let written = w.take_text();
         for (i, (got, want)) in written.lines().zip(expected.lines()).enumerate() {
             assert_eq!(got, want, "record {i}");
         }
@@ -1277,7 +1376,7 @@ mod tests {
         let mut w = RecordWriter::new(Vec::new(), RecordFormat::Json, clock);
         w.write_query(&finished(Outcome::Answered)).unwrap();
         w.write_query(&finished(Outcome::Unanswered)).unwrap();
-        let text = String::from_utf8(w.out).unwrap();
+        let text = w.take_text();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -1347,7 +1446,7 @@ mod tests {
         }];
         let mut w = RecordWriter::new(Vec::new(), RecordFormat::Json, clock);
         w.write_query(&q).unwrap();
-        let text = String::from_utf8(w.out).unwrap();
+        let text = w.take_text();
         assert!(text.ends_with("}\n") && text.lines().count() == 1, "{text}");
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
         let expected = serde_json::json!({

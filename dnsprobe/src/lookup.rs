@@ -404,7 +404,9 @@ struct OpenLookup {
     last_activity_ns: u64,
     pending: u32,
     /// Every question asked so far and its latest answer, kept as queries finish: deciding
-    /// whether a lookup is settled must not walk all its queries each time one ends.
+    /// whether a lookup is settled must not walk all its queries each time one ends. Empty
+    /// while the lookup has one query, whose question is the only one (see
+    /// [`Self::questions`]): most lookups have one, and the list cost each an allocation.
     questions: Vec<QuestionState>,
     /// Every question's latest answer is definitive (see [`settled`]).
     settled: bool,
@@ -478,6 +480,12 @@ impl LookupQuery {
         self.send_ts_ns.first().copied().unwrap_or_default()
     }
 
+    /// When its answer came, or when it was first sent if none came: the time of its
+    /// question's latest state.
+    fn answer_ns(&self) -> u64 {
+        self.response_ts_ns.unwrap_or_else(|| self.first_send_ns())
+    }
+
     fn latency_ns(&self) -> Option<u64> {
         self.response_ts_ns
             .map(|r| r.saturating_sub(self.first_send_ns()))
@@ -489,6 +497,35 @@ impl LookupQuery {
             self.first_send_ns(),
             self.response_ts_ns.unwrap_or(u64::MAX),
         )
+    }
+}
+
+/// One question of a lookup (name and type) and its latest answer.
+#[derive(Debug, Clone, Copy)]
+struct QuestionView<'a> {
+    name: &'a QName,
+    qtype: u16,
+    at_ns: u64,
+    rcode: Option<u16>,
+}
+
+impl<'a> QuestionView<'a> {
+    fn of_query(q: &'a LookupQuery) -> Self {
+        Self {
+            name: &q.qname,
+            qtype: q.qtype,
+            at_ns: q.answer_ns(),
+            rcode: q.rcode,
+        }
+    }
+
+    fn of_state(q: &'a QuestionState) -> Self {
+        Self {
+            name: &q.name,
+            qtype: q.qtype,
+            at_ns: q.at_ns,
+            rcode: q.rcode,
+        }
     }
 }
 
@@ -538,6 +575,18 @@ impl OpenLookup {
         self.queries.iter().filter(move |q| is_expansion(name, q))
     }
 
+    /// Every question asked so far and its latest answer.
+    fn questions(&self) -> impl Iterator<Item = QuestionView<'_>> {
+        let only = match self.queries.as_slice() {
+            [only] if self.questions.is_empty() => Some(QuestionView::of_query(only)),
+            _ => None,
+        };
+        self.questions
+            .iter()
+            .map(QuestionView::of_state)
+            .chain(only)
+    }
+
     /// Adds a finished query, keeping `questions` and `settled` up to date.
     fn add(&mut self, query: Box<FinishedQuery>) {
         let (query, sender) = LookupQuery::split(*query);
@@ -545,9 +594,21 @@ impl OpenLookup {
         if self.sender.as_ref().is_none_or(|(first, _)| order < *first) {
             self.sender = Some((order, sender));
         }
-        let at = query
-            .response_ts_ns
-            .unwrap_or_else(|| query.first_send_ns());
+        if self.queries.is_empty() {
+            // Its question is the only one: `questions` stays empty.
+            self.settled = is_definitive(query.rcode);
+            self.queries.push(query);
+            return;
+        }
+        if let ([first], true) = (self.queries.as_slice(), self.questions.is_empty()) {
+            self.questions.push(QuestionState {
+                name: first.qname.clone(),
+                qtype: first.qtype,
+                at_ns: first.answer_ns(),
+                rcode: first.rcode,
+            });
+        }
+        let at = query.answer_ns();
         match self
             .questions
             .iter_mut()
@@ -575,9 +636,9 @@ impl OpenLookup {
     /// call going on: glibc asks over TCP after a truncated answer, and may ask A and AAAA
     /// again right after.
     fn answered_before(&self, qname: &QName, qtype: u16, ts_ns: u64) -> bool {
-        self.questions.iter().any(|q| {
+        self.questions().any(|q| {
             q.qtype == qtype
-                && q.name == *qname
+                && *q.name == *qname
                 && is_definitive(q.rcode)
                 && q.at_ns.saturating_add(REACTION_NS) < ts_ns
         })
@@ -932,8 +993,18 @@ impl LookupTracker {
     /// The records of lookups closed as their last query finished (see
     /// [`Self::query_finished`]), and with [`Self::deferring_records`] of all closed since.
     pub fn take_closed(&mut self, out: &mut Vec<LookupRecord>) {
+        self.each_closed(|record| out.push(record));
+    }
+
+    /// As [`Self::take_closed`], handing each record to `write` as it is built: a record
+    /// moved into a list and out again was copied twice for nothing.
+    pub fn each_closed(&mut self, mut write: impl FnMut(LookupRecord)) {
         let mut ended = std::mem::take(&mut self.ended);
-        out.extend(ended.drain(..).filter_map(|lookup| self.finish(*lookup)));
+        for lookup in ended.drain(..) {
+            if let Some(record) = self.finish(*lookup) {
+                write(record);
+            }
+        }
         // The allocation is kept for the next ones.
         self.ended = ended;
     }
@@ -1135,16 +1206,17 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
             };
             let mut worst: Option<Option<u16>> = None;
             // The latest answer of every question, kept as the queries finished.
-            for QuestionState {
+            for QuestionView {
                 name, qtype, rcode, ..
-            } in &lookup.questions
+            } in lookup.questions()
             {
                 if !name.eq_ignore_ascii_case(final_name) {
                     continue;
                 }
+                let rcode = &rcode;
                 let accepted_failure = has_answers
                     && !matches!(rcode, Some(RCODE_NOERROR))
-                    && !insisted(name, *qtype, rcode);
+                    && !insisted(name, qtype, rcode);
                 if accepted_failure {
                     continue;
                 }
@@ -1683,6 +1755,20 @@ mod tests {
         assert_eq!(
             l.settled, expected,
             "incremental and recomputed settled differ"
+        );
+        let questions: HashMap<(String, u16), Option<u16>> = l
+            .questions()
+            .map(|q| ((q.name.to_ascii_lowercase(), q.qtype), q.rcode))
+            .collect();
+        assert_eq!(
+            questions,
+            latest_rcodes(&kept),
+            "incremental and recomputed questions differ"
+        );
+        assert_eq!(
+            l.questions().count(),
+            questions.len(),
+            "a question is listed twice"
         );
         l
     }

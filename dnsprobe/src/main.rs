@@ -2,7 +2,7 @@
 
 use std::{
     fs::File,
-    io::{self, BufWriter, IsTerminal as _, Write},
+    io::{self, IsTerminal as _, Write},
     path::PathBuf,
     time::Duration,
 };
@@ -85,26 +85,17 @@ fn run_blocking(args: RunArgs, top: bool) -> anyhow::Result<()> {
     runtime.block_on(run(args, top))
 }
 
-/// Records are flushed after every batch anyway; a larger buffer only means fewer write calls
-/// (a query record is about 600 bytes: 8 KiB made one call per dozen queries).
-const OUTPUT_BUFFER: usize = 64 * 1024;
-
 fn open_output(path: Option<&PathBuf>) -> anyhow::Result<(Box<dyn Write>, bool)> {
     Ok(match path {
         Some(path) => {
             let file = File::create(path)
                 .with_context(|| format!("--output: cannot create {}", path.display()))?;
-            (
-                Box::new(BufWriter::with_capacity(OUTPUT_BUFFER, file)),
-                false,
-            )
+            // Unbuffered: the record writer gathers whole records into large writes itself.
+            (Box::new(file), false)
         }
         None => {
             let terminal = io::stdout().is_terminal();
-            (
-                Box::new(BufWriter::with_capacity(OUTPUT_BUFFER, io::stdout())),
-                terminal,
-            )
+            (Box::new(io::stdout()), terminal)
         }
     })
 }

@@ -360,12 +360,17 @@ impl Pipeline {
     }
 
     fn write_lookups(&mut self) {
-        self.lookups.take_closed(&mut self.lookup_out);
+        let sinks = &mut self.sinks;
         for record in self.lookup_out.drain(..) {
-            for sink in &mut self.sinks {
+            for sink in sinks.iter_mut() {
                 sink.lookup(&record);
             }
         }
+        self.lookups.each_closed(|record| {
+            for sink in sinks.iter_mut() {
+                sink.lookup(&record);
+            }
+        });
     }
 
     pub fn handle_drop_record(&mut self, bytes: &[u8]) {
