@@ -500,7 +500,8 @@ impl LookupQuery {
     }
 }
 
-/// One question of a lookup (name and type) and its latest answer.
+/// A question's latest state as read from a lookup's list, or from its only query when it has
+/// no list (see `OpenLookup::questions`).
 #[derive(Debug, Clone, Copy)]
 struct QuestionView<'a> {
     name: &'a QName,
@@ -601,10 +602,12 @@ impl OpenLookup {
             return;
         }
         if let ([first], true) = (self.queries.as_slice(), self.questions.is_empty()) {
+            // A second query: the first one's question goes into the list it did without.
+            let first = QuestionView::of_query(first);
             self.questions.push(QuestionState {
-                name: first.qname.clone(),
+                name: first.name.clone(),
                 qtype: first.qtype,
-                at_ns: first.answer_ns(),
+                at_ns: first.at_ns,
                 rcode: first.rcode,
             });
         }
