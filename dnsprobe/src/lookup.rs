@@ -764,7 +764,7 @@ pub struct LookupTracker {
     max_open: usize,
     diagnosis: DiagnosisConfig,
     stats: LookupStats,
-    /// Lookups closed whose records [`Self::take_closed`] builds: those that closed as their
+    /// Lookups closed whose records [`Self::each_closed`] builds: those that closed as their
     /// last query finished, and with [`Self::deferring_records`] every one.
     #[expect(
         clippy::vec_box,
@@ -802,7 +802,7 @@ impl LookupTracker {
         }
     }
 
-    /// From now on a closed lookup's record is built by [`Self::take_closed`] rather than
+    /// From now on a closed lookup's record is built by [`Self::each_closed`] rather than
     /// given to the caller that closed it. Building a record (its diagnosis above all) runs
     /// through about as much code as a query's whole path; done a few at a time, that code
     /// and the packet path's push each other out of the instruction cache less often.
@@ -811,7 +811,7 @@ impl LookupTracker {
         self
     }
 
-    /// Closed lookups whose records wait for [`Self::take_closed`].
+    /// Closed lookups whose records wait for [`Self::each_closed`].
     pub fn closed_waiting(&self) -> usize {
         self.ended.len()
     }
@@ -994,13 +994,9 @@ impl LookupTracker {
     }
 
     /// The records of lookups closed as their last query finished (see
-    /// [`Self::query_finished`]), and with [`Self::deferring_records`] of all closed since.
-    pub fn take_closed(&mut self, out: &mut Vec<LookupRecord>) {
-        self.each_closed(|record| out.push(record));
-    }
-
-    /// As [`Self::take_closed`], handing each record to `write` as it is built: a record
-    /// moved into a list and out again was copied twice for nothing.
+    /// [`Self::query_finished`]), and with [`Self::deferring_records`] of all closed since,
+    /// each handed to `write` as it is built: a record moved into a list and out again was
+    /// copied twice for nothing.
     pub fn each_closed(&mut self, mut write: impl FnMut(LookupRecord)) {
         let mut ended = std::mem::take(&mut self.ended);
         for lookup in ended.drain(..) {
@@ -2089,7 +2085,7 @@ mod tests {
         )
     }
 
-    /// A tracker deferring records gives, through `take_closed`, the very records a tracker
+    /// A tracker deferring records gives, through `each_closed`, the very records a tracker
     /// giving them at once does, in the same order, whatever closed the lookups: a new call,
     /// eviction, idleness, shutdown.
     #[test]
@@ -2118,7 +2114,7 @@ mod tests {
             let d = t.query_started(1000 * MS, &other, 1, &sender(), &mut out);
             answer(&mut t, OTHER, 4, 1000 * MS, d);
             t.close_all(&mut out);
-            t.take_closed(&mut out);
+            t.each_closed(|r| out.push(r));
             assert_eq!(t.closed_waiting(), 0);
             (out, t.stats())
         };
@@ -2278,7 +2274,7 @@ mod tests {
         assert!(ids.len() >= 3, "one endless lookup: {ids:?}");
         assert!(t.stats().capped >= 2);
         // The capped ones closed as their last query finished, without waiting to be idle.
-        t.take_closed(&mut out);
+        t.each_closed(|r| out.push(r));
         assert_eq!(
             out.len() as u64,
             t.stats().capped,

@@ -361,16 +361,13 @@ impl Pipeline {
 
     fn write_lookups(&mut self) {
         let sinks = &mut self.sinks;
-        for record in self.lookup_out.drain(..) {
+        let mut write = |record: LookupRecord| {
             for sink in sinks.iter_mut() {
                 sink.lookup(&record);
             }
-        }
-        self.lookups.each_closed(|record| {
-            for sink in sinks.iter_mut() {
-                sink.lookup(&record);
-            }
-        });
+        };
+        self.lookup_out.drain(..).for_each(&mut write);
+        self.lookups.each_closed(write);
     }
 
     pub fn handle_drop_record(&mut self, bytes: &[u8]) {
