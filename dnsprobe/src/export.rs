@@ -93,11 +93,30 @@ impl Timestamp {
     }
 }
 
+/// "00" to "99": two digits per division halves the divisions of a timestamp's nine fraction
+/// digits, which every record has one or more of.
+const DIGIT_PAIRS: [u8; 200] = {
+    let mut pairs = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        pairs[2 * i] = b'0' + (i / 10) as u8;
+        pairs[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    pairs
+};
+
 /// Writes the low decimal digits of `v` into all of `out`, zero-padded.
 fn put_digits(out: &mut [u8], mut v: u32) {
-    for slot in out.iter_mut().rev() {
-        *slot = b'0' + (v % 10) as u8;
-        v /= 10;
+    let mut end = out.len();
+    while end >= 2 {
+        let pair = (v % 100) as usize * 2;
+        out[end - 2..end].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        v /= 100;
+        end -= 2;
+    }
+    if end == 1 {
+        out[0] = b'0' + (v % 10) as u8;
     }
 }
 
@@ -168,14 +187,7 @@ impl AddressText {
 
     fn v4(ip: std::net::Ipv4Addr, port: Option<u16>) -> Self {
         let mut buf = [0u8; 80];
-        let mut at = 0;
-        for (i, octet) in ip.octets().into_iter().enumerate() {
-            if i > 0 {
-                buf[at] = b'.';
-                at += 1;
-            }
-            at += put_decimal(&mut buf[at..], u32::from(octet));
-        }
+        let mut at = put_ipv4(&mut buf, ip);
         if let Some(port) = port {
             buf[at] = b':';
             at += 1;
@@ -207,8 +219,53 @@ fn push_quoted(out: &mut Vec<u8>, text: &[u8]) {
 }
 
 /// An answer as a JSON string.
+/// `ip` in dotted decimal at the start of `out` (which must hold 15 bytes); returns how many
+/// bytes it took.
+fn put_ipv4(out: &mut [u8], ip: std::net::Ipv4Addr) -> usize {
+    let mut at = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out[at] = b'.';
+            at += 1;
+        }
+        let (len, text) = OCTET_TEXT[usize::from(octet)];
+        out[at..at + 3].copy_from_slice(&text);
+        at += usize::from(len);
+    }
+    at
+}
+
+/// The decimal text of every byte value, and its length: four look-ups write an address.
+const OCTET_TEXT: [(u8, [u8; 3]); 256] = {
+    let mut table = [(0u8, [0u8; 3]); 256];
+    let mut v = 0;
+    while v < 256 {
+        let digits = [
+            b'0' + (v / 100) as u8,
+            b'0' + (v / 10 % 10) as u8,
+            b'0' + (v % 10) as u8,
+        ];
+        table[v] = if v >= 100 {
+            (3, digits)
+        } else if v >= 10 {
+            (2, [digits[1], digits[2], 0])
+        } else {
+            (1, [digits[2], 0, 0])
+        };
+        v += 1;
+    }
+    table
+};
+
 fn push_json_answer(out: &mut Vec<u8>, answer: &Answer) -> Result<(), ExportError> {
     match answer {
+        // Nearly every answer: written without the room an IPv6 address and port would need.
+        Answer::Address(IpAddr::V4(ip)) => {
+            let mut buf = *b"\"000.000.000.000\"";
+            let len = put_ipv4(&mut buf[1..], *ip);
+            buf[len + 1] = b'"';
+            out.extend_from_slice(&buf[..len + 2]);
+        }
         Answer::Address(ip) => push_quoted(out, AddressText::ip(*ip)?.as_bytes()),
         Answer::Text(text) => push_json_str(out, text),
     }
@@ -358,6 +415,71 @@ impl SenderText {
             self.text.clear();
             push_sender(&mut self.text, s)?;
             self.sender = Some(s.clone());
+        }
+        out.extend_from_slice(&self.text);
+        Ok(())
+    }
+}
+
+/// The sender's fields of the last lookup record (`"pid"` to `"container"`) and what they
+/// were written from: a process's lookups follow one another, and its pod and container went
+/// through serde for every one.
+#[derive(Default)]
+struct LookupSenderText {
+    /// Held, so that their addresses cannot be reused by other names while they are compared
+    /// by address.
+    sender: Option<LookupSender>,
+    text: Vec<u8>,
+}
+
+struct LookupSender {
+    pid: Option<u32>,
+    cgroup_id: u64,
+    comm: Option<Arc<str>>,
+    cgroup_path: Option<Arc<str>>,
+    workload: Option<Arc<crate::attribute::Workload>>,
+}
+
+/// Both absent, or both the one allocation.
+fn same_arc<T: ?Sized>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+impl LookupSenderText {
+    fn push(&mut self, out: &mut Vec<u8>, l: &LookupRecord) -> Result<(), ExportError> {
+        let same = self.sender.as_ref().is_some_and(|last| {
+            last.pid == l.pid
+                && last.cgroup_id == l.cgroup_id
+                && same_arc(&last.comm, &l.comm)
+                && same_arc(&last.cgroup_path, &l.cgroup_path)
+                && same_arc(&last.workload, &l.workload)
+        });
+        if !same {
+            self.sender = None;
+            self.text.clear();
+            let text = &mut self.text;
+            text.extend_from_slice(lead!("pid"));
+            push_opt_num(text, l.pid);
+            text.extend_from_slice(lead!("comm"));
+            push_opt_str(text, l.comm.as_deref());
+            text.extend_from_slice(lead!("cgroup_id"));
+            push_num(text, l.cgroup_id);
+            text.extend_from_slice(lead!("cgroup_path"));
+            push_opt_str(text, l.cgroup_path.as_deref());
+            if let Some(workload) = l.workload.as_deref() {
+                push_pod_and_container(text, workload)?;
+            }
+            self.sender = Some(LookupSender {
+                pid: l.pid,
+                cgroup_id: l.cgroup_id,
+                comm: l.comm.clone(),
+                cgroup_path: l.cgroup_path.clone(),
+                workload: l.workload.clone(),
+            });
         }
         out.extend_from_slice(&self.text);
         Ok(())
@@ -586,6 +708,7 @@ pub struct RecordWriter<W: Write> {
     client_ip: Ipv4Text,
     server_ip: Ipv4Text,
     sender_text: SenderText,
+    lookup_sender_text: LookupSenderText,
     resolver_text: ResolverText,
     format: RecordFormat,
     clock: WallClock,
@@ -602,6 +725,7 @@ impl<W: Write> RecordWriter<W> {
             client_ip: Ipv4Text::default(),
             server_ip: Ipv4Text::default(),
             sender_text: SenderText::default(),
+            lookup_sender_text: LookupSenderText::default(),
             resolver_text: ResolverText::default(),
             format,
             clock,
@@ -729,17 +853,7 @@ impl<W: Write> RecordWriter<W> {
         push_opt_str(out, l.final_rcode.as_deref());
         out.extend_from_slice(lead!("answers"));
         push_array(out, &l.answers, push_json_answer)?;
-        out.extend_from_slice(lead!("pid"));
-        push_opt_num(out, l.pid);
-        out.extend_from_slice(lead!("comm"));
-        push_opt_str(out, l.comm.as_deref());
-        out.extend_from_slice(lead!("cgroup_id"));
-        push_num(out, l.cgroup_id);
-        out.extend_from_slice(lead!("cgroup_path"));
-        push_opt_str(out, l.cgroup_path.as_deref());
-        if let Some(workload) = l.workload.as_deref() {
-            push_pod_and_container(out, workload)?;
-        }
+        self.lookup_sender_text.push(out, l)?;
         out.extend_from_slice(lead!("resolver"));
         self.resolver_text.push(out, l.resolver.as_ref())?;
         out.extend_from_slice(lead!("diagnosis"));
@@ -1278,6 +1392,9 @@ mod tests {
             final_rcode: Some("NOERROR".into()),
             answers: smallvec::smallvec![
                 Answer::Address("10.0.0.1".parse().unwrap()),
+                Answer::Address("255.255.255.255".parse().unwrap()),
+                Answer::Address("0.0.0.0".parse().unwrap()),
+                Answer::Address("1.22.103.9".parse().unwrap()),
                 Answer::Address("fd00::1".parse().unwrap()),
                 Answer::Text("we\"ird\\.\u{1}ünï.".into()),
             ],
@@ -1334,6 +1451,14 @@ mod tests {
             container: Some(container),
             host_unit: None,
         }));
+        // Kept sender fields are compared by address and value: another process with the same
+        // names, another cgroup, a name that changed.
+        let mut other_pid = healthy.clone();
+        other_pid.pid = Some(4243);
+        let mut other_cgroup = healthy.clone();
+        other_cgroup.cgroup_id = 8;
+        let mut renamed = healthy.clone();
+        renamed.comm = Some("wget".into());
         let records = [
             &healthy,
             &healthy,
@@ -1343,6 +1468,11 @@ mod tests {
             &pod_only,
             &container_only,
             &failed,
+            &healthy,
+            &other_pid,
+            &other_cgroup,
+            &renamed,
+            &healthy,
         ];
         let mut w = RecordWriter::new(Vec::new(), RecordFormat::Json, clock);
         let mut expected = String::new();
@@ -1355,6 +1485,44 @@ mod tests {
             assert_eq!(got, want, "record {i}");
         }
         assert_eq!(written, expected);
+    }
+
+    #[test]
+    fn digits_and_addresses_read_as_display_writes_them() {
+        let mut out = [0u8; 10];
+        for width in 1..=10 {
+            for v in [
+                0u32,
+                1,
+                9,
+                10,
+                42,
+                99,
+                100,
+                305,
+                999_999_999,
+                123_456_789,
+                u32::MAX,
+            ] {
+                put_digits(&mut out[..width], v);
+                let want = format!("{v:010}");
+                assert_eq!(
+                    &out[..width],
+                    &want.as_bytes()[10 - width..],
+                    "{v} in {width}"
+                );
+            }
+        }
+        for v in 0..=255u8 {
+            let ip = std::net::Ipv4Addr::new(v, 255 - v, v / 10, 9);
+            let mut answer = Vec::new();
+            push_json_answer(&mut answer, &Answer::Address(IpAddr::V4(ip))).unwrap();
+            assert_eq!(answer, format!("\"{ip}\"").as_bytes());
+        }
+        for v in [0u32, 7, 10, 255, 65_535, 1_000_000, u32::MAX] {
+            let n = put_decimal(&mut out, v);
+            assert_eq!(&out[..n], v.to_string().as_bytes());
+        }
     }
 
     #[test]
