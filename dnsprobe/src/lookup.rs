@@ -772,7 +772,27 @@ pub struct LookupTracker {
     )]
     ended: Vec<Box<OpenLookup>>,
     defer_records: bool,
+    /// Boxes of closed lookups, emptied, for the next lookups (at most [`SPARES_KEPT`]): at
+    /// low rates every query is a lookup of its own, and its box and query list were a
+    /// malloc and a free each, as much as a tenth of the query's cost.
+    #[expect(
+        clippy::vec_box,
+        reason = "the boxes themselves are what is kept for reuse"
+    )]
+    spare_lookups: Vec<Box<OpenLookup>>,
+    /// Query lists of closed lookups, emptied, for lookups whose first query finishes: given
+    /// out only then, so that a pending lookup holds no list (see `OpenLookup::new`).
+    spare_query_lists: Vec<Vec<LookupQuery>>,
 }
+
+/// How many emptied lookup boxes and query lists `LookupTracker` keeps for reuse, each. A few
+/// dozen cover the lookups that close at one tick at low rates; at high rates lookups hold
+/// many queries and close seldom.
+const SPARES_KEPT: usize = 64;
+
+/// The largest query list kept for reuse: a long lookup's list would hold its room for as
+/// long as it waits, through lookups of one query.
+const SPARE_LIST_CAPACITY: usize = 4;
 
 impl LookupTracker {
     pub fn new(
@@ -799,6 +819,8 @@ impl LookupTracker {
             stats: LookupStats::default(),
             ended: Vec::new(),
             defer_records: false,
+            spare_lookups: Vec::new(),
+            spare_query_lists: Vec::new(),
         }
     }
 
@@ -967,7 +989,13 @@ impl LookupTracker {
         if self.open_count >= self.max_open {
             self.evict_oldest(out);
         }
-        let mut lookup = Box::new(OpenLookup::new(key, key_hash, resolver, ts_ns));
+        let mut lookup = match self.spare_lookups.pop() {
+            Some(mut spare) => {
+                *spare = OpenLookup::new(key, key_hash, resolver, ts_ns);
+                spare
+            }
+            None => Box::new(OpenLookup::new(key, key_hash, resolver, ts_ns)),
+        };
         lookup.pending = 1;
         let id = self.insert(lookup);
         self.order.push_back(id);
@@ -977,10 +1005,16 @@ impl LookupTracker {
     /// A query ended (answered or timed out).
     pub fn query_finished(&mut self, query: Box<FinishedQuery>, now_ns: u64) {
         let id = query.sender.lookup;
-        let Some(lookup) = self.get_mut(id) else {
+        let Some(lookup) = id_slot_mut(&mut self.open, id).and_then(|s| s.lookup.as_deref_mut())
+        else {
             // Its lookup was evicted; the query record itself was still written.
             return;
         };
+        if lookup.queries.capacity() == 0 {
+            if let Some(list) = self.spare_query_lists.pop() {
+                lookup.queries = list;
+            }
+        }
         lookup.pending = lookup.pending.saturating_sub(1);
         lookup.last_activity_ns = lookup
             .last_activity_ns
@@ -999,10 +1033,11 @@ impl LookupTracker {
     /// copied twice for nothing.
     pub fn each_closed(&mut self, mut write: impl FnMut(LookupRecord)) {
         let mut ended = std::mem::take(&mut self.ended);
-        for lookup in ended.drain(..) {
-            if let Some(record) = self.finish(*lookup) {
+        for mut lookup in ended.drain(..) {
+            if let Some(record) = self.finish(&mut lookup) {
                 write(record);
             }
+            self.keep_spare(lookup);
         }
         // The allocation is kept for the next ones.
         self.ended = ended;
@@ -1102,13 +1137,38 @@ impl LookupTracker {
     }
 
     fn close(&mut self, id: LookupId, out: &mut Vec<LookupRecord>) {
-        let Some(lookup) = self.take(id) else {
+        let Some(mut lookup) = self.take(id) else {
             return;
         };
         if self.defer_records {
             self.ended.push(lookup);
-        } else if let Some(record) = self.finish(*lookup) {
-            out.push(record);
+        } else {
+            if let Some(record) = self.finish(&mut lookup) {
+                out.push(record);
+            }
+            self.keep_spare(lookup);
+        }
+    }
+
+    /// Empties a closed lookup's box and query list, and keeps them for the next lookups
+    /// unless enough are kept already.
+    fn keep_spare(&mut self, mut lookup: Box<OpenLookup>) {
+        let mut queries = std::mem::take(&mut lookup.queries);
+        if queries.capacity() > 0
+            && queries.capacity() <= SPARE_LIST_CAPACITY
+            && self.spare_query_lists.len() < SPARES_KEPT
+        {
+            queries.clear();
+            self.spare_query_lists.push(queries);
+        }
+        if self.spare_lookups.len() < SPARES_KEPT {
+            // What it holds is let go now rather than when the box is used again; the key's
+            // name, left, is one reference.
+            lookup.questions = Vec::new();
+            lookup.late = Vec::new();
+            lookup.sender = None;
+            lookup.resolver = None;
+            self.spare_lookups.push(lookup);
         }
     }
 
@@ -1124,7 +1184,7 @@ impl LookupTracker {
         }
     }
 
-    fn finish(&mut self, mut lookup: OpenLookup) -> Option<LookupRecord> {
+    fn finish(&mut self, lookup: &mut OpenLookup) -> Option<LookupRecord> {
         if lookup.queries.is_empty() {
             return None;
         }
@@ -1154,8 +1214,8 @@ fn is_expansion(lookup_name: &str, q: &LookupQuery) -> bool {
     q.qname.len() != lookup_name.len()
 }
 
-fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
-    let end_ns = lookup_end_ns(&lookup, cfg.query_timeout_ns);
+fn build_record(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
+    let end_ns = lookup_end_ns(lookup, cfg.query_timeout_ns);
     let queries = &lookup.queries;
     // The decisive answer: the last one that carried data, else the last response of all.
     let with_answers = queries
@@ -1233,7 +1293,7 @@ fn build_record(lookup: OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
         }
         None => None,
     };
-    let diagnosis = diagnose(&lookup, cfg);
+    let diagnosis = diagnose(lookup, cfg);
     let sender = lookup.sender.as_ref().map(|(_, s)| s);
     LookupRecord {
         event: "lookup",
@@ -1723,7 +1783,7 @@ mod tests {
         let mut first = query("x.example.", 1, 1, &[10 * MS], Some(30 * MS), Some(0));
         first.sender.names_mut().comm = Some("first".into());
         first.sender.names_mut().cgroup_path = Some("/first".into());
-        let r = build_record(lookup("x.example.", vec![later, first]), &CFG);
+        let r = build_record(&lookup("x.example.", vec![later, first]), &CFG);
         assert_eq!(r.comm.as_deref(), Some("first"));
         assert_eq!(r.cgroup_path.as_deref(), Some("/first"));
     }
@@ -1790,7 +1850,7 @@ mod tests {
                 query("www.example.com.", 28, 2, &[0], Some(MS), Some(0)),
             ],
         );
-        let r = build_record(l, &CFG);
+        let r = build_record(&l, &CFG);
         assert!(r.diagnosis.is_empty(), "{:?}", r.diagnosis);
         assert_eq!(r.final_rcode.as_deref(), Some("NOERROR"));
         assert_eq!(r.duration_ns, MS);
@@ -1826,7 +1886,7 @@ mod tests {
                 ),
             ],
         );
-        let r = build_record(l, &CFG);
+        let r = build_record(&l, &CFG);
         assert_eq!(
             codes(&r),
             vec!["search_list_expansion", "servfail_retry", "slow_upstream"]
@@ -1848,7 +1908,7 @@ mod tests {
         // musl, timeout:1 attempts:2: resends every 500 ms, gives up after 1 s.
         let mut q = query("x.example.", 1, 9, &[0, 500 * MS], None, None);
         q.outcome = Outcome::Unanswered;
-        let r = build_record(lookup("x.example.", vec![q]), &CFG);
+        let r = build_record(&lookup("x.example.", vec![q]), &CFG);
         assert_eq!(r.duration_ns, 1000 * MS);
         assert_eq!(r.final_rcode, None);
     }
@@ -1868,7 +1928,7 @@ mod tests {
         queries[0].answers = smallvec::smallvec!["10.1.2.3".into()];
         let l = lookup("a.example.", queries);
         assert!(!settled(&l.queries));
-        let r = build_record(l, &CFG);
+        let r = build_record(&l, &CFG);
         assert_eq!(r.duration_ns, 5000 * MS);
         assert_eq!(r.final_rcode.as_deref(), Some("SERVFAIL"));
     }
@@ -1884,7 +1944,7 @@ mod tests {
             Some(600 * MS),
             Some(0),
         );
-        let r = build_record(lookup("x.example.", vec![q]), &CFG);
+        let r = build_record(&lookup("x.example.", vec![q]), &CFG);
         assert_eq!(r.final_rcode.as_deref(), Some("NOERROR"));
     }
 
@@ -1892,7 +1952,7 @@ mod tests {
     fn a_servfail_taken_as_final_ends_at_the_answer() {
         // dig +tries=1: one send, SERVFAIL, nothing more.
         let r = build_record(
-            lookup(
+            &lookup(
                 "a.example.",
                 vec![query("a.example.", 1, 1, &[0], Some(30 * MS), Some(2))],
             ),
@@ -1923,7 +1983,7 @@ mod tests {
             dst: "10.96.0.10:53".parse().unwrap(),
             dns_id: Some(9),
         });
-        let r = build_record(lookup("svc.example.", vec![q]), &CFG);
+        let r = build_record(&lookup("svc.example.", vec![q]), &CFG);
         assert_eq!(
             codes(&r),
             vec![
@@ -1953,7 +2013,7 @@ mod tests {
             dst: "10.0.0.2:53".parse().unwrap(),
             dns_id: Some(9),
         });
-        let r = build_record(lookup("x.example.", vec![q]), &CFG);
+        let r = build_record(&lookup("x.example.", vec![q]), &CFG);
         assert_eq!(codes(&r), vec!["packet_drop", "no_response"]);
         assert_eq!(r.final_rcode, None);
     }
@@ -1973,7 +2033,7 @@ mod tests {
             dst: "10.0.0.1:40000".parse().unwrap(),
             dns_id: Some(9),
         });
-        let r = build_record(lookup("gone.example.", vec![q]), &CFG);
+        let r = build_record(&lookup("gone.example.", vec![q]), &CFG);
         assert_eq!(codes(&r), vec!["late_response", "no_response"]);
         assert_eq!(r.diagnosis[0].evidence["responses"][0]["why"], "NO_SOCKET");
     }
@@ -1984,7 +2044,7 @@ mod tests {
         udp.truncated = true;
         let mut tcp = query("big.example.", 16, 2, &[2 * MS], Some(4 * MS), Some(0));
         tcp.transport = Transport::Tcp;
-        let r = build_record(lookup("big.example.", vec![udp, tcp]), &CFG);
+        let r = build_record(&lookup("big.example.", vec![udp, tcp]), &CFG);
         assert_eq!(codes(&r), vec!["truncated_tcp_fallback"]);
         assert_eq!(r.diagnosis[0].evidence["tcp_id"], 2);
         assert_eq!(r.diagnosis[0].evidence["extra_ns"], 3 * MS);
@@ -2004,7 +2064,7 @@ mod tests {
             pid: Some(7),
             cgroup_id: 99,
         });
-        let r = build_record(l, &CFG);
+        let r = build_record(&l, &CFG);
         assert_eq!(codes(&r), vec!["late_response", "no_response"]);
     }
 
@@ -2128,6 +2188,91 @@ mod tests {
         assert_eq!(at_once_stats.evicted, 1, "no lookup was evicted");
         assert_eq!(deferred, at_once);
         assert_eq!(format!("{deferred_stats:?}"), format!("{at_once_stats:?}"));
+    }
+
+    /// A lookup in a reused box, with a reused query list, reads as one in new ones: nothing
+    /// of the lookups before it (their questions, diagnoses, late answers, sender) shows; and
+    /// what is kept for reuse stays bounded, long query lists left out.
+    #[test]
+    fn reused_lookups_carry_nothing_of_the_ones_before() {
+        const FAILING: &str = "a.example.";
+        const HEALTHY: &str = "b.example.";
+        // The healthy lookup alone, in a tracker that reused nothing.
+        let healthy = |t: &mut LookupTracker, at: u64, out: &mut Vec<LookupRecord>| {
+            let id = t.query_started(at, &HEALTHY.into(), 1, &sender(), out);
+            t.query_finished(
+                with_lookup(query(HEALTHY, 1, 9, &[at], Some(at + MS), Some(0)), id),
+                at + MS,
+            );
+            t.close_idle(at + 600 * MS, out);
+        };
+        for deferred in [false, true] {
+            let fresh = |t: LookupTracker| if deferred { t.deferring_records() } else { t };
+            let mut alone = fresh(tracker(1024));
+            let mut want = Vec::new();
+            healthy(&mut alone, 20_000 * MS, &mut want);
+            alone.each_closed(|r| want.push(r));
+            assert_eq!(want.len(), 1);
+
+            let mut t = fresh(tracker(1024));
+            let mut out = Vec::new();
+            // A failing lookup first: SERVFAIL asked again five times, a late answer.
+            let failing: QName = FAILING.into();
+            let id = t.query_started(0, &failing, 28, &sender(), &mut out);
+            for i in 0..6u16 {
+                let at = u64::from(i) * 10 * MS;
+                if i > 0 {
+                    assert_eq!(t.query_started(at, &failing, 28, &sender(), &mut out), id);
+                }
+                t.query_finished(
+                    with_lookup(query(FAILING, 28, i, &[at], Some(at + MS), Some(2)), id),
+                    at + MS,
+                );
+            }
+            let late = LateArrival {
+                ts_ns: 70 * MS,
+                id: 0,
+                qname: failing.clone(),
+                qtype: 28,
+                after_first_send_ns: 70 * MS,
+                why: "duplicate".into(),
+                pid: Some(7),
+                cgroup_id: 99,
+            };
+            assert!(t.late_arrival(late, &mut out).is_none());
+            t.close_idle(15_000 * MS, &mut out);
+            t.each_closed(|r| out.push(r));
+            assert_eq!(out.len(), 1);
+            assert!(!out[0].diagnosis.is_empty(), "{:?}", out[0]);
+            assert_eq!(t.spare_lookups.len(), 1);
+            assert!(
+                t.spare_query_lists.is_empty(),
+                "a list of six queries is not kept"
+            );
+            // Then the healthy one, in the failing one's box.
+            let mut got = Vec::new();
+            healthy(&mut t, 20_000 * MS, &mut got);
+            t.each_closed(|r| got.push(r));
+            assert_eq!(got, want, "deferred: {deferred}");
+            assert_eq!(t.spare_query_lists.len(), 1);
+            assert!(t.spare_query_lists[0].is_empty());
+
+            // Many lookups closing at once: the spares kept stay bounded.
+            for i in 0..(3 * SPARES_KEPT as u64) {
+                let name: QName = format!("n{i}.example.").as_str().into();
+                let at = 30_000 * MS + i;
+                let id = t.query_started(at, &name, 1, &sender(), &mut out);
+                t.query_finished(
+                    with_lookup(query(&name, 1, 1, &[at], Some(at + MS), Some(0)), id),
+                    at + MS,
+                );
+            }
+            t.close_idle(40_000 * MS, &mut out);
+            t.each_closed(|r| out.push(r));
+            assert_eq!(out.len(), 1 + 3 * SPARES_KEPT);
+            assert_eq!(t.spare_lookups.len(), SPARES_KEPT);
+            assert_eq!(t.spare_query_lists.len(), SPARES_KEPT);
+        }
     }
 
     /// Whether a lookup is over follows kernel time, not when the daemon looked: a query or a
