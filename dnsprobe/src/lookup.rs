@@ -440,40 +440,23 @@ struct LookupQuery {
 }
 
 impl LookupQuery {
-    /// The query, and its sender.
-    fn split(query: FinishedQuery) -> (Self, Sender) {
-        let FinishedQuery {
-            qname,
-            qtype,
-            id,
-            transport,
-            client: _,
-            server,
-            socket_cookie: _,
-            send_ts_ns,
-            response_ts_ns,
-            outcome,
-            rcode,
-            truncated,
-            answers,
-            sender,
-            drops,
-        } = query;
-        let kept = Self {
-            qname,
-            qtype,
-            id,
-            transport,
-            truncated,
-            outcome,
-            rcode,
-            server,
-            send_ts_ns,
-            response_ts_ns,
-            answers,
-            drops,
-        };
-        (kept, sender)
+    /// What a lookup keeps of `query`: copied, as its record is written later (see
+    /// `Pipeline::write_queries`); shared names and inline lists make that cheap.
+    fn of(query: &FinishedQuery) -> Self {
+        Self {
+            qname: query.qname.clone(),
+            qtype: query.qtype,
+            id: query.id,
+            transport: query.transport,
+            truncated: query.truncated,
+            outcome: query.outcome,
+            rcode: query.rcode,
+            server: query.server,
+            send_ts_ns: query.send_ts_ns.clone(),
+            response_ts_ns: query.response_ts_ns,
+            answers: query.answers.clone(),
+            drops: query.drops.clone(),
+        }
     }
 
     fn first_send_ns(&self) -> u64 {
@@ -589,11 +572,11 @@ impl OpenLookup {
     }
 
     /// Adds a finished query, keeping `questions` and `settled` up to date.
-    fn add(&mut self, query: Box<FinishedQuery>) {
-        let (query, sender) = LookupQuery::split(*query);
+    fn add(&mut self, finished: &FinishedQuery) {
+        let query = LookupQuery::of(finished);
         let order = query.order();
         if self.sender.as_ref().is_none_or(|(first, _)| order < *first) {
-            self.sender = Some((order, sender));
+            self.sender = Some((order, finished.sender.clone()));
         }
         if self.queries.is_empty() {
             // Its question is the only one: `questions` stays empty.
@@ -1003,7 +986,7 @@ impl LookupTracker {
     }
 
     /// A query ended (answered or timed out).
-    pub fn query_finished(&mut self, query: Box<FinishedQuery>, now_ns: u64) {
+    pub fn query_finished(&mut self, query: &FinishedQuery, now_ns: u64) {
         let id = query.sender.lookup;
         let Some(lookup) = id_slot_mut(&mut self.open, id).and_then(|s| s.lookup.as_deref_mut())
         else {
@@ -1803,13 +1786,10 @@ mod tests {
         let first = queries.iter().map(|q| q.first_send_ns()).min().unwrap();
         let mut l = OpenLookup::new(key, 0, resolver, first);
         l.last_activity_ns = 0;
-        let kept: Vec<LookupQuery> = queries
-            .iter()
-            .map(|q| LookupQuery::split(q.clone()).0)
-            .collect();
+        let kept: Vec<LookupQuery> = queries.iter().map(LookupQuery::of).collect();
         let expected = settled(&kept);
         for q in queries {
-            l.add(Box::new(q));
+            l.add(&q);
         }
         assert_eq!(
             l.settled, expected,
@@ -2092,7 +2072,7 @@ mod tests {
         let other = t.query_started(0, &"other.example.".into(), 1, &sender(), &mut out);
         assert_ne!(first, other);
         t.query_finished(
-            with_lookup(query(exp, 1, 1, &[0], Some(MS), Some(3)), first),
+            &with_lookup(query(exp, 1, 1, &[0], Some(MS), Some(3)), first),
             MS,
         );
         let own = t.query_started(2 * MS, &"www.example.com.".into(), 1, &sender(), &mut out);
@@ -2105,7 +2085,7 @@ mod tests {
         t.close_idle(100 * MS, &mut out);
         assert!(out.is_empty());
         t.query_finished(
-            with_lookup(
+            &with_lookup(
                 query("www.example.com.", 1, 3, &[2 * MS], Some(3 * MS), Some(0)),
                 own,
             ),
@@ -2158,7 +2138,7 @@ mod tests {
             let other: QName = OTHER.into();
             let answer = |t: &mut LookupTracker, n: &str, id, sent, lookup| {
                 t.query_finished(
-                    with_lookup(query(n, 1, id, &[sent], Some(sent + MS), Some(0)), lookup),
+                    &with_lookup(query(n, 1, id, &[sent], Some(sent + MS), Some(0)), lookup),
                     sent + MS,
                 );
             };
@@ -2201,7 +2181,7 @@ mod tests {
         let healthy = |t: &mut LookupTracker, at: u64, out: &mut Vec<LookupRecord>| {
             let id = t.query_started(at, &HEALTHY.into(), 1, &sender(), out);
             t.query_finished(
-                with_lookup(query(HEALTHY, 1, 9, &[at], Some(at + MS), Some(0)), id),
+                &with_lookup(query(HEALTHY, 1, 9, &[at], Some(at + MS), Some(0)), id),
                 at + MS,
             );
             t.close_idle(at + 600 * MS, out);
@@ -2225,7 +2205,7 @@ mod tests {
                     assert_eq!(t.query_started(at, &failing, 28, &sender(), &mut out), id);
                 }
                 t.query_finished(
-                    with_lookup(query(FAILING, 28, i, &[at], Some(at + MS), Some(2)), id),
+                    &with_lookup(query(FAILING, 28, i, &[at], Some(at + MS), Some(2)), id),
                     at + MS,
                 );
             }
@@ -2263,7 +2243,7 @@ mod tests {
                 let at = 30_000 * MS + i;
                 let id = t.query_started(at, &name, 1, &sender(), &mut out);
                 t.query_finished(
-                    with_lookup(query(&name, 1, 1, &[at], Some(at + MS), Some(0)), id),
+                    &with_lookup(query(&name, 1, 1, &[at], Some(at + MS), Some(0)), id),
                     at + MS,
                 );
             }
@@ -2286,7 +2266,7 @@ mod tests {
         let name: QName = NAME.into();
         let first = t.query_started(0, &name, 28, &sender(), &mut out);
         t.query_finished(
-            with_lookup(query(NAME, 28, 1, &[0], Some(MS), Some(0)), first),
+            &with_lookup(query(NAME, 28, 1, &[0], Some(MS), Some(0)), first),
             MS,
         );
         // Another question of the name 600 ms later (idle ends lookups after 500 ms).
@@ -2303,7 +2283,7 @@ mod tests {
         assert_eq!(third, second);
         for (qtype, id, sent) in [(1, 2, 601 * MS), (28, 3, 602 * MS)] {
             t.query_finished(
-                with_lookup(
+                &with_lookup(
                     query(NAME, qtype, id, &[sent], Some(sent + MS), Some(0)),
                     second,
                 ),
@@ -2341,14 +2321,14 @@ mod tests {
         let mut out = Vec::new();
         let a = t.query_started(0, &"db.example.".into(), 1, &sender(), &mut out);
         t.query_finished(
-            with_lookup(query("db.example.", 1, 1, &[0], Some(MS), Some(0)), a),
+            &with_lookup(query("db.example.", 1, 1, &[0], Some(MS), Some(0)), a),
             MS,
         );
         // Asked again right after the answer (glibc after a TCP fallback): the same call.
         let again = t.query_started(2 * MS, &"db.example.".into(), 1, &sender(), &mut out);
         assert_eq!(again, a, "split within the reaction time");
         t.query_finished(
-            with_lookup(
+            &with_lookup(
                 query("db.example.", 1, 2, &[2 * MS], Some(3 * MS), Some(0)),
                 a,
             ),
@@ -2358,7 +2338,7 @@ mod tests {
         let b = t.query_started(103 * MS, &"db.example.".into(), 1, &sender(), &mut out);
         assert_ne!(a, b, "a settled lookup took a new resolver call");
         t.query_finished(
-            with_lookup(
+            &with_lookup(
                 query("db.example.", 1, 3, &[103 * MS], Some(104 * MS), Some(0)),
                 b,
             ),
@@ -2380,7 +2360,7 @@ mod tests {
         let aaaa = t.query_started(0, &"db.example.".into(), 28, &sender(), &mut out);
         assert_eq!(a, aaaa);
         t.query_finished(
-            with_lookup(query("db.example.", 1, 1, &[0], Some(MS), Some(0)), a),
+            &with_lookup(query("db.example.", 1, 1, &[0], Some(MS), Some(0)), a),
             MS,
         );
         let again = t.query_started(5_000 * MS, &"db.example.".into(), 1, &sender(), &mut out);
@@ -2401,7 +2381,7 @@ mod tests {
             if pending.len() > 8 {
                 let (j, id) = pending.remove(0);
                 t.query_finished(
-                    with_lookup(
+                    &with_lookup(
                         query(
                             "load.example.",
                             1,
@@ -2440,7 +2420,7 @@ mod tests {
             let name = format!("n{i}.example.");
             let id = t.query_started(i * MS, &name.as_str().into(), 1, &sender(), &mut out);
             t.query_finished(
-                with_lookup(query(&name, 1, i as u16, &[i * MS], None, None), id),
+                &with_lookup(query(&name, 1, i as u16, &[i * MS], None, None), id),
                 i * MS,
             );
             ids.push(id);
@@ -2467,14 +2447,14 @@ mod tests {
         assert_ne!(old, 0);
         assert_eq!(t.stats().evicted, 1);
         t.query_finished(
-            with_lookup(
+            &with_lookup(
                 query("old.example.", 1, 1, &[0], Some(2 * MS), Some(0)),
                 old,
             ),
             2 * MS,
         );
         t.query_finished(
-            with_lookup(
+            &with_lookup(
                 query("new.example.", 1, 2, &[MS], Some(2 * MS), Some(0)),
                 new,
             ),

@@ -203,6 +203,7 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
         })],
         stats: PipelineStats::default(),
         finished: Vec::new(),
+        unwritten: Vec::new(),
         waiting_drops: Default::default(),
         last_sender: None,
         drops: DropExplainer {

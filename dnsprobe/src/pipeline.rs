@@ -69,6 +69,12 @@ impl<W: std::io::Write> Sink for RecordWriter<W> {
 /// measured 8 about 4% cheaper per query than one at a time, 32 no better than one).
 const LOOKUP_WRITE_BATCH: usize = 8;
 
+/// Finished queries whose records are written together. Writing a query record runs through
+/// as much code as the rest of its path; one at a time, the two pushed each other out of the
+/// instruction cache (the pipeline bench under callgrind: about 45 misses per query in the
+/// query record's code alone).
+const QUERY_WRITE_BATCH: usize = 16;
+
 /// Counters of the userspace pipeline, for the periodic and final summaries.
 #[derive(Debug, Default)]
 pub struct PipelineStats {
@@ -103,6 +109,9 @@ pub struct Pipeline {
     pub lookup_out: Vec<LookupRecord>,
     pub recent: RecentQueries,
     pub finished: Vec<Box<FinishedQuery>>,
+    /// Finished queries whose records wait to be written (see `QUERY_WRITE_BATCH`): always
+    /// before any other record, so records come out in the order they were made.
+    pub unwritten: Vec<Box<FinishedQuery>>,
     /// Drops that matched no pending query yet, oldest first.
     pub waiting_drops: std::collections::VecDeque<DropRecord>,
     /// The attribution of the last new query and the batch clock it was made at: a thread
@@ -206,6 +215,7 @@ impl Pipeline {
             lookup_out: Vec::new(),
             recent: RecentQueries::new(timeout_ns.saturating_mul(2), max_inflight),
             finished: Vec::new(),
+            unwritten: Vec::new(),
             waiting_drops: Default::default(),
             last_sender: None,
         }
@@ -341,9 +351,22 @@ impl Pipeline {
     }
 
     fn finish_query(&mut self, query: Box<FinishedQuery>, now_ns: u64) {
-        self.write(&query);
         self.recent.remember(&query, now_ns);
-        self.lookups.query_finished(query, now_ns);
+        self.lookups.query_finished(&query, now_ns);
+        self.unwritten.push(query);
+        if self.unwritten.len() >= QUERY_WRITE_BATCH {
+            self.write_queries();
+        }
+    }
+
+    /// Writes the records of the finished queries waiting, and gives their boxes back.
+    fn write_queries(&mut self) {
+        for query in self.unwritten.drain(..) {
+            for sink in &mut self.sinks {
+                sink.query(&query);
+            }
+            self.tracker.reuse(query);
+        }
     }
 
     /// A response too late for its query: part of its lookup, or an event of its own.
@@ -360,6 +383,8 @@ impl Pipeline {
     }
 
     fn write_lookups(&mut self) {
+        // Every other record is written after this: queries first, as they finished first.
+        self.write_queries();
         let sinks = &mut self.sinks;
         let mut write = |record: LookupRecord| {
             for sink in sinks.iter_mut() {
@@ -500,12 +525,6 @@ impl Pipeline {
         }
         self.lookups.close_all(&mut self.lookup_out);
         self.write_lookups();
-    }
-
-    fn write(&mut self, query: &FinishedQuery) {
-        for sink in &mut self.sinks {
-            sink.query(query);
-        }
     }
 
     pub fn flush(&mut self) {
