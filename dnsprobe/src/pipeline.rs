@@ -795,6 +795,55 @@ mod tests {
         assert_eq!(seen, expected);
     }
 
+    /// Every record, in the order the sink got it: `query <name>` or `lookup <name>`.
+    struct Order(std::rc::Rc<std::cell::RefCell<Vec<String>>>);
+
+    impl Sink for Order {
+        fn query(&mut self, q: &FinishedQuery) {
+            self.0.borrow_mut().push(format!("query {}", q.qname));
+        }
+        fn lookup(&mut self, l: &LookupRecord) {
+            self.0.borrow_mut().push(format!("lookup {}", l.name));
+        }
+        fn packet_drop(&mut self, _: &DropRecord) {}
+        fn late(&mut self, _: &LateArrival) {}
+    }
+
+    /// Query records wait to be written a batch at a time (`QUERY_WRITE_BATCH`), yet every
+    /// one is written, and before the record of its lookup: records come out in the order
+    /// they were made, whatever batch boundary falls between them.
+    #[test]
+    fn query_records_written_in_batches_keep_their_order() {
+        let missing = std::env::temp_dir().join("dnsprobe-test-missing-dir");
+        let mut pipeline = Pipeline::offline(&missing);
+        let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        pipeline.sinks = vec![Box::new(Order(seen.clone()))];
+        const QUERIES: usize = 2 * QUERY_WRITE_BATCH + 5;
+        for i in 0..QUERIES {
+            pipeline.handle_record(&query_record(
+                i as u64,
+                1000 + i as u32,
+                1000 + i as u32,
+                b"app",
+                &format!("q{i}.test."),
+            ));
+        }
+        // Timed out, each query ends its lookup.
+        pipeline.expire_at(u64::MAX / 2);
+        assert!(pipeline.unwritten.is_empty());
+        let seen = seen.borrow();
+        assert_eq!(seen.len(), 2 * QUERIES, "{seen:?}");
+        for i in 0..QUERIES {
+            let at = |record: String| seen.iter().position(|r| *r == record);
+            let query = at(format!("query q{i}.test."));
+            let lookup = at(format!("lookup q{i}.test."));
+            assert!(
+                query.is_some() && lookup.is_some() && query < lookup,
+                "{i}: {seen:?}"
+            );
+        }
+    }
+
     /// The fuzz target's seeds (fuzz/make_seeds.py) through the offline pipeline: real
     /// exchanges are answered, hostile messages are counted as malformed, nothing panics.
     #[test]
