@@ -158,8 +158,9 @@ pub enum Observation {
     Started,
     /// A pending query was sent again.
     Resent,
-    /// A response ended a query. Boxed from its first packet to its lookup: a query is a few
-    /// hundred bytes, and it is handed on several times.
+    /// A response ended a query. Boxed from its first packet to its record, then reused (see
+    /// [`QueryTracker::reuse`]): a query is a few hundred bytes, and it is handed on several
+    /// times.
     Finished(Box<FinishedQuery>),
     /// A response matched no pending query: late, duplicate, or its query was not seen.
     Unmatched(Packet),
@@ -236,7 +237,7 @@ pub struct QueryTracker {
     /// [`Self::take_timed_out`].
     #[expect(
         clippy::vec_box,
-        reason = "queries stay boxed from their first packet to their lookup, moved as boxes"
+        reason = "queries stay boxed from their first packet to their record, moved as boxes"
     )]
     timed_out: Vec<Box<FinishedQuery>>,
     /// Boxes of queries whose records are written, for the next queries (see

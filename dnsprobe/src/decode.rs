@@ -82,7 +82,8 @@ pub struct Question {
 pub enum Answer {
     Address(IpAddr),
     /// Any other record's data in presentation form (a CNAME target, TXT strings, ...).
-    Text(Box<str>),
+    /// Shared: a query's lookup keeps a copy of its answers.
+    Text(std::sync::Arc<str>),
 }
 
 impl std::fmt::Display for Answer {

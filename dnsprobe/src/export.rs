@@ -95,7 +95,7 @@ impl Timestamp {
 
 /// "00" to "99": two digits per division halves the divisions of a timestamp's nine fraction
 /// digits, which every record has one or more of.
-const DIGIT_PAIRS: [u8; 200] = {
+static DIGIT_PAIRS: [u8; 200] = {
     let mut pairs = [0u8; 200];
     let mut i = 0;
     while i < 100 {
@@ -218,7 +218,6 @@ fn push_quoted(out: &mut Vec<u8>, text: &[u8]) {
     out.push(b'"');
 }
 
-/// An answer as a JSON string.
 /// `ip` in dotted decimal at the start of `out` (which must hold 15 bytes); returns how many
 /// bytes it took.
 fn put_ipv4(out: &mut [u8], ip: std::net::Ipv4Addr) -> usize {
@@ -236,7 +235,7 @@ fn put_ipv4(out: &mut [u8], ip: std::net::Ipv4Addr) -> usize {
 }
 
 /// The decimal text of every byte value, and its length: four look-ups write an address.
-const OCTET_TEXT: [(u8, [u8; 3]); 256] = {
+static OCTET_TEXT: [(u8, [u8; 3]); 256] = {
     let mut table = [(0u8, [0u8; 3]); 256];
     let mut v = 0;
     while v < 256 {
@@ -257,6 +256,7 @@ const OCTET_TEXT: [(u8, [u8; 3]); 256] = {
     table
 };
 
+/// An answer as a JSON string.
 fn push_json_answer(out: &mut Vec<u8>, answer: &Answer) -> Result<(), ExportError> {
     match answer {
         // Nearly every answer: written without the room an IPv6 address and port would need.

@@ -419,10 +419,9 @@ struct OpenLookup {
     indexed: bool,
 }
 
-/// What a lookup keeps of a finished query: what its record and its diagnoses read. The query
-/// record is written by then; the client socket and the sender (kept once per lookup) are
-/// left out, which nearly halves what a busy lookup holds, and the query's own allocation is
-/// freed while it is still in the cache.
+/// What a lookup keeps of a finished query: what its record and its diagnoses read. The client
+/// socket and the sender (kept once per lookup) are left out, which nearly halves what a busy
+/// lookup holds.
 #[derive(Debug, Clone)]
 struct LookupQuery {
     qname: QName,
@@ -440,8 +439,9 @@ struct LookupQuery {
 }
 
 impl LookupQuery {
-    /// What a lookup keeps of `query`: copied, as its record is written later (see
-    /// `Pipeline::write_queries`); shared names and inline lists make that cheap.
+    /// What a lookup keeps of `query`: copied, as the query's record is written later (see
+    /// `Pipeline::write_queries`). Names and text answers are shared; a list of one answer is
+    /// inline, a longer one and any drops are an allocation each.
     fn of(query: &FinishedQuery) -> Self {
         Self {
             qname: query.qname.clone(),
@@ -990,7 +990,7 @@ impl LookupTracker {
         let id = query.sender.lookup;
         let Some(lookup) = id_slot_mut(&mut self.open, id).and_then(|s| s.lookup.as_deref_mut())
         else {
-            // Its lookup was evicted; the query record itself was still written.
+            // Its lookup was evicted; the query record itself is still written.
             return;
         };
         if lookup.queries.capacity() == 0 {
@@ -2193,6 +2193,10 @@ mod tests {
             healthy(&mut alone, 20_000 * MS, &mut want);
             alone.each_closed(|r| want.push(r));
             assert_eq!(want.len(), 1);
+            // The second time in the first one's box and query list.
+            healthy(&mut alone, 25_000 * MS, &mut want);
+            alone.each_closed(|r| want.push(r));
+            assert_eq!(want.len(), 2);
 
             let mut t = fresh(tracker(1024));
             let mut out = Vec::new();
@@ -2229,13 +2233,19 @@ mod tests {
                 t.spare_query_lists.is_empty(),
                 "a list of six queries is not kept"
             );
-            // Then the healthy one, in the failing one's box.
+            // Then the healthy one, in the failing one's box, and again in its own box and list.
             let mut got = Vec::new();
             healthy(&mut t, 20_000 * MS, &mut got);
             t.each_closed(|r| got.push(r));
-            assert_eq!(got, want, "deferred: {deferred}");
             assert_eq!(t.spare_query_lists.len(), 1);
             assert!(t.spare_query_lists[0].is_empty());
+            let list = t.spare_query_lists[0].as_ptr();
+            healthy(&mut t, 25_000 * MS, &mut got);
+            t.each_closed(|r| got.push(r));
+            assert_eq!(got, want, "deferred: {deferred}");
+            assert_eq!(t.spare_query_lists.len(), 1);
+            // Had the lookup got a new list, the kept one would have held on to its address.
+            assert_eq!(t.spare_query_lists[0].as_ptr(), list, "the list was reused");
 
             // Many lookups closing at once: the spares kept stay bounded.
             for i in 0..(3 * SPARES_KEPT as u64) {

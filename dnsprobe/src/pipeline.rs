@@ -341,7 +341,7 @@ impl Pipeline {
     /// depends on kernel time only.
     #[expect(
         clippy::vec_box,
-        reason = "queries stay boxed from their first packet to their lookup, moved as boxes"
+        reason = "queries stay boxed from their first packet to their record, moved as boxes"
     )]
     fn finish_unanswered(&mut self, finished: &mut Vec<Box<FinishedQuery>>) {
         for query in finished.drain(..) {
@@ -833,6 +833,10 @@ mod tests {
         assert!(pipeline.unwritten.is_empty());
         let seen = seen.borrow();
         assert_eq!(seen.len(), 2 * QUERIES, "{seen:?}");
+        // Query records in the order the queries ended (sent 1 ns apart, timed out so).
+        let queries: Vec<&String> = seen.iter().filter(|r| r.starts_with("query ")).collect();
+        let ended: Vec<String> = (0..QUERIES).map(|i| format!("query q{i}.test.")).collect();
+        assert_eq!(queries, ended.iter().collect::<Vec<_>>());
         for i in 0..QUERIES {
             let at = |record: String| seen.iter().position(|r| *r == record);
             let query = at(format!("query q{i}.test."));
