@@ -171,13 +171,6 @@ impl Default for AddressText {
 }
 
 impl AddressText {
-    fn ip(ip: IpAddr) -> Result<Self, std::io::Error> {
-        match ip {
-            IpAddr::V4(v4) => Ok(Self::v4(v4, None)),
-            IpAddr::V6(v6) => Self::displayed(&v6),
-        }
-    }
-
     fn socket(addr: &SocketAddr) -> Result<Self, std::io::Error> {
         match addr {
             SocketAddr::V4(v4) => Ok(Self::v4(*v4.ip(), Some(v4.port()))),
@@ -266,7 +259,7 @@ fn push_json_answer(out: &mut Vec<u8>, answer: &Answer) -> Result<(), ExportErro
             buf[len + 1] = b'"';
             out.extend_from_slice(&buf[..len + 2]);
         }
-        Answer::Address(ip) => push_quoted(out, AddressText::ip(*ip)?.as_bytes()),
+        Answer::Address(IpAddr::V6(ip)) => push_quoted(out, AddressText::displayed(ip)?.as_bytes()),
         Answer::Text(text) => push_json_str(out, text),
     }
     Ok(())
