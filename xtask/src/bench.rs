@@ -54,6 +54,9 @@ pub struct BenchArgs {
     /// a setting: `--daemon-arg=--flush-interval=100ms`. The report's command line shows it.
     #[arg(long = "daemon-arg", value_name = "FLAG", allow_hyphen_values = true)]
     daemon_args: Vec<String>,
+    /// Measure a plain release build of the daemon, without profile-guided optimisation.
+    #[arg(long)]
+    pub no_pgo: bool,
     /// Seconds of fuzzing the `pipeline` target after the benchmarks (0: none).
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub fuzz: u32,
@@ -1090,7 +1093,8 @@ fn parse_rates(rates: &[String]) -> Result<Vec<Option<u32>>> {
 }
 
 /// Runs the benchmark with the already built release daemon.
-pub fn bench(args: &BenchArgs, root: &Path, daemon: &Path) -> Result<()> {
+pub fn bench(args: &BenchArgs, root: &Path, build: &crate::pgo::DaemonBuild) -> Result<()> {
+    let daemon = build.binary.as_path();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench needs root: it loads eBPF programs and creates network namespaces");
@@ -1112,7 +1116,12 @@ pub fn bench(args: &BenchArgs, root: &Path, daemon: &Path) -> Result<()> {
     let world = World::new().context("building the namespaces")?;
     let mut report = String::new();
     let _ = writeln!(report, "# dnsprobe benchmark\n");
-    let _ = writeln!(report, "{}", machine_info(root));
+    let _ = writeln!(
+        report,
+        "{}- daemon: {}\n",
+        machine_info(root),
+        build.description
+    );
     let _ = writeln!(
         report,
         "Command: `cargo xtask bench {}`\n",

@@ -2,10 +2,12 @@
 //!
 //! - `setup`: installs what a fresh Debian 12 machine lacks to build and test dnsprobe
 //!   (Debian packages, nightly rust-src, bpf-linker, the manifest validator from PyPI).
-//! - `run`: setup, release build, then replaces itself with `dnsprobe run ...`.
+//! - `build`: the release daemon, with profile-guided optimisation (pgo.rs) unless `--no-pgo`;
+//!   prints the binary's path.
+//! - `run`: setup, release build (as `build`), then replaces itself with `dnsprobe run ...`.
 //! - `test`: setup, fmt check, clippy, every test of the workspace, then a minute of fuzzing
 //!   (fuzz/, cargo-fuzz on nightly).
-//! - `bench`: setup, release build, the benchmark suite (bench.rs, docs/benchmarks.md), then
+//! - `bench`: setup, release build (as `build`), the benchmark suite (bench.rs, docs/benchmarks.md), then
 //!   longer fuzzing (`--fuzz SECS`).
 //!
 //! Every step is idempotent and says what it does or skips, so a CI log shows what a fresh
@@ -23,11 +25,15 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod pgo;
 
 /// Debian packages the build, the daemon and the integration tests need.
 const DEBIAN_PACKAGES: &[&str] = &[
     // bpf-linker links against Debian's LLVM 22.
     "llvm-22-dev",
+    // llvm-profdata of rustc's LLVM, for the PGO build (pgo.rs); llvm-22-dev pulls it in
+    // too, but the PGO build is what needs it.
+    "llvm-22",
     "libpolly-22-dev",
     // Peers of the integration tests: a real resolver, real clients, a musl toolchain.
     "unbound",
@@ -70,8 +76,19 @@ enum Task {
     /// Install what a fresh Debian 12 machine lacks (Debian packages, nightly rust-src,
     /// bpf-linker, kubernetes-validate for the manifest tests). Needs root.
     Setup,
-    /// Set up, build the release daemon, and run `dnsprobe run ARGS...` in its place.
+    /// Build the release daemon (with profile-guided optimisation unless --no-pgo; no setup)
+    /// and print the path of the binary.
+    Build {
+        /// A plain release build, without profile-guided optimisation.
+        #[arg(long)]
+        no_pgo: bool,
+    },
+    /// Set up, build the release daemon (as `build`), and run `dnsprobe run ARGS...` in its
+    /// place.
     Run {
+        /// A plain release build, without profile-guided optimisation (builds in half the time).
+        #[arg(long)]
+        no_pgo: bool,
         /// Arguments for `dnsprobe run`, after `--` (e.g. `cargo xtask run -- --format json`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -92,7 +109,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup(),
-        Task::Run { args } => run(args),
+        Task::Build { no_pgo } => build(!no_pgo),
+        Task::Run { no_pgo, args } => run(!no_pgo, args),
         Task::Test { args } => test(args),
         Task::Bench(args) => run_bench(&args),
     };
@@ -118,6 +136,25 @@ fn workspace_root() -> Result<PathBuf> {
 fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root);
+    // `cargo xtask` (cargo run) gave this process xtask's own package variables. Some build
+    // scripts (ring's) track CARGO_MANIFEST_DIR, so passing them on made every build from
+    // here rebuild what a build from the shell had built, and the other way round.
+    for (key, _) in env::vars_os() {
+        let key_text = key.to_string_lossy();
+        if key_text.starts_with("CARGO_PKG_")
+            || matches!(
+                &*key_text,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&key);
+        }
+    }
     cmd
 }
 
@@ -400,38 +437,39 @@ fn python_packages() -> Result<()> {
     )
 }
 
-fn run(args: Vec<OsString>) -> Result<()> {
-    setup()?;
-    let root = workspace_root()?;
-    run_step(
-        "run: build",
-        cargo(&root).args(["build", "--release", "-p", "dnsprobe"]),
-    )?;
-    let target_dir = match env::var_os("CARGO_TARGET_DIR") {
+/// Where cargo puts this workspace's artifacts.
+fn target_dir(root: &Path) -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => root.join(dir),
         None => root.join("target"),
-    };
-    let daemon = target_dir.join("release").join("dnsprobe");
-    let mut cmd = Command::new(&daemon);
+    }
+}
+
+fn build(pgo: bool) -> Result<()> {
+    let root = workspace_root()?;
+    let daemon = pgo::build_daemon(&root, &target_dir(&root), pgo, "build")?;
+    eprintln!("xtask: build: {}", daemon.description);
+    println!("{}", daemon.binary.display());
+    Ok(())
+}
+
+fn run(pgo: bool, args: Vec<OsString>) -> Result<()> {
+    setup()?;
+    let root = workspace_root()?;
+    let daemon = pgo::build_daemon(&root, &target_dir(&root), pgo, "run")?;
+    let mut cmd = Command::new(&daemon.binary);
     cmd.arg("run").args(&args);
     eprintln!("xtask: run: exec {}", describe(&cmd));
     // exec, not spawn: the daemon gets Ctrl-C and SIGTERM directly and its exit code is ours.
     let err = cmd.exec();
-    Err(err).with_context(|| format!("run: cannot exec {}", daemon.display()))
+    Err(err).with_context(|| format!("run: cannot exec {}", daemon.binary.display()))
 }
 
 fn run_bench(args: &bench::BenchArgs) -> Result<()> {
     setup()?;
     let root = workspace_root()?;
-    run_step(
-        "bench: build",
-        cargo(&root).args(["build", "--release", "-p", "dnsprobe"]),
-    )?;
-    let target_dir = match env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => root.join(dir),
-        None => root.join("target"),
-    };
-    bench::bench(args, &root, &target_dir.join("release").join("dnsprobe"))?;
+    let daemon = pgo::build_daemon(&root, &target_dir(&root), !args.no_pgo, "bench")?;
+    bench::bench(args, &root, &daemon)?;
     if args.fuzz > 0 {
         fuzz_pipeline(&format!("bench: fuzz ({} s)", args.fuzz), &root, args.fuzz)?;
     }
@@ -460,6 +498,13 @@ fn test(args: Vec<OsString>) -> Result<()> {
     run_step(
         "test: cargo test",
         cargo(&root).args(["test", "--workspace"]).args(&args),
+    )?;
+    // The README's run command builds the daemon with PGO: build it that way here too and
+    // have it load its programs, so that a machine that passes the tests can also run it.
+    let daemon = pgo::build_daemon(&root, &target_dir(&root), true, "test")?;
+    run_step(
+        "test: the PGO build loads and attaches",
+        Command::new(&daemon.binary).arg("check"),
     )?;
     fuzz_pipeline("test: fuzz (60 s)", &root, 60)?;
     eprintln!("xtask: test: all steps passed");
