@@ -5,10 +5,10 @@
 //! - `build`: the release daemon, with profile-guided optimisation (pgo.rs) unless `--no-pgo`;
 //!   prints the binary's path.
 //! - `run`: setup, release build (as `build`), then replaces itself with `dnsprobe run ...`.
-//! - `test`: setup, fmt check, clippy, every test of the workspace, then a minute of fuzzing
-//!   (fuzz/, cargo-fuzz on nightly).
-//! - `bench`: setup, release build (as `build`), the benchmark suite (bench.rs, docs/benchmarks.md), then
-//!   longer fuzzing (`--fuzz SECS`).
+//! - `test`: setup, fmt check, clippy, every test of the workspace, the PGO build and its
+//!   `dnsprobe check`, then a minute of fuzzing (fuzz/, cargo-fuzz on nightly).
+//! - `bench`: setup, release build (as `build`), the benchmark suite (bench.rs,
+//!   docs/benchmarks.md), then longer fuzzing (`--fuzz SECS`).
 //!
 //! Every step is idempotent and says what it does or skips, so a CI log shows what a fresh
 //! machine needed. Errors name the step that failed.
@@ -82,6 +82,9 @@ enum Task {
         /// A plain release build, without profile-guided optimisation.
         #[arg(long)]
         no_pgo: bool,
+        /// Pass `--locked` to every cargo build (Cargo.lock must not need an update).
+        #[arg(long)]
+        locked: bool,
     },
     /// Set up, build the release daemon (as `build`), and run `dnsprobe run ARGS...` in its
     /// place.
@@ -109,7 +112,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup(),
-        Task::Build { no_pgo } => build(!no_pgo),
+        Task::Build { no_pgo, locked } => build(pgo::BuildOptions {
+            pgo: !no_pgo,
+            locked,
+        }),
         Task::Run { no_pgo, args } => run(!no_pgo, args),
         Task::Test { args } => test(args),
         Task::Bench(args) => run_bench(&args),
@@ -136,9 +142,14 @@ fn workspace_root() -> Result<PathBuf> {
 fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root);
-    // `cargo xtask` (cargo run) gave this process xtask's own package variables. Some build
-    // scripts (ring's) track CARGO_MANIFEST_DIR, so passing them on made every build from
-    // here rebuild what a build from the shell had built, and the other way round.
+    strip_package_env(&mut cmd);
+    cmd
+}
+
+/// `cargo xtask` (cargo run) gave this process xtask's own package variables. Some build
+/// scripts (ring's) track CARGO_MANIFEST_DIR, so passing them on to a nested cargo made every
+/// build from here rebuild what a build from the shell had built, and the other way round.
+fn strip_package_env(cmd: &mut Command) {
     for (key, _) in env::vars_os() {
         let key_text = key.to_string_lossy();
         if key_text.starts_with("CARGO_PKG_")
@@ -155,7 +166,6 @@ fn cargo(root: &Path) -> Command {
             cmd.env_remove(&key);
         }
     }
-    cmd
 }
 
 /// Runs `cmd` with inherited stdio; a failure to start or a non-zero exit names `step`.
@@ -179,8 +189,22 @@ fn probe(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The command as a shell would take it, with the variables set on it (not those removed), so
+/// a logged step can be run again by hand.
 fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    let mut s = String::new();
+    for (key, value) in cmd.get_envs() {
+        if let Some(value) = value {
+            let value = value.to_string_lossy();
+            if value.contains(['\x1f', ' ']) {
+                // CARGO_ENCODED_RUSTFLAGS separates its flags with 0x1f.
+                s.push_str(&format!("{}={:?} ", key.to_string_lossy(), value));
+            } else {
+                s.push_str(&format!("{}={} ", key.to_string_lossy(), value));
+            }
+        }
+    }
+    s.push_str(&cmd.get_program().to_string_lossy());
     for arg in cmd.get_args() {
         s.push(' ');
         s.push_str(&arg.to_string_lossy());
@@ -367,6 +391,7 @@ fn fuzz_pipeline(step: &str, root: &Path, seconds: u32) -> Result<()> {
     std::fs::create_dir_all(&work_corpus)
         .with_context(|| format!("{step}: creating {}", work_corpus.display()))?;
     let mut cmd = Command::new("cargo");
+    strip_package_env(&mut cmd);
     cmd.current_dir(&fuzz_dir)
         .args(["+nightly", "fuzz", "run", "pipeline"])
         .arg(&work_corpus)
@@ -445,9 +470,9 @@ fn target_dir(root: &Path) -> PathBuf {
     }
 }
 
-fn build(pgo: bool) -> Result<()> {
+fn build(options: pgo::BuildOptions) -> Result<()> {
     let root = workspace_root()?;
-    let daemon = pgo::build_daemon(&root, &target_dir(&root), pgo, "build")?;
+    let daemon = pgo::build_daemon(&root, &target_dir(&root), options, "build")?;
     eprintln!("xtask: build: {}", daemon.description);
     println!("{}", daemon.binary.display());
     Ok(())
@@ -456,7 +481,12 @@ fn build(pgo: bool) -> Result<()> {
 fn run(pgo: bool, args: Vec<OsString>) -> Result<()> {
     setup()?;
     let root = workspace_root()?;
-    let daemon = pgo::build_daemon(&root, &target_dir(&root), pgo, "run")?;
+    let daemon = pgo::build_daemon(
+        &root,
+        &target_dir(&root),
+        pgo::BuildOptions { pgo, locked: false },
+        "run",
+    )?;
     let mut cmd = Command::new(&daemon.binary);
     cmd.arg("run").args(&args);
     eprintln!("xtask: run: exec {}", describe(&cmd));
@@ -468,7 +498,15 @@ fn run(pgo: bool, args: Vec<OsString>) -> Result<()> {
 fn run_bench(args: &bench::BenchArgs) -> Result<()> {
     setup()?;
     let root = workspace_root()?;
-    let daemon = pgo::build_daemon(&root, &target_dir(&root), !args.no_pgo, "bench")?;
+    let daemon = pgo::build_daemon(
+        &root,
+        &target_dir(&root),
+        pgo::BuildOptions {
+            pgo: !args.no_pgo,
+            locked: false,
+        },
+        "bench",
+    )?;
     bench::bench(args, &root, &daemon)?;
     if args.fuzz > 0 {
         fuzz_pipeline(&format!("bench: fuzz ({} s)", args.fuzz), &root, args.fuzz)?;
@@ -501,11 +539,24 @@ fn test(args: Vec<OsString>) -> Result<()> {
     )?;
     // The README's run command builds the daemon with PGO: build it that way here too and
     // have it load its programs, so that a machine that passes the tests can also run it.
-    let daemon = pgo::build_daemon(&root, &target_dir(&root), true, "test")?;
-    run_step(
-        "test: the PGO build loads and attaches",
-        Command::new(&daemon.binary).arg("check"),
-    )?;
+    // A run narrowed by `cargo test` arguments is after one test, not the release build.
+    if args.is_empty() {
+        let daemon = pgo::build_daemon(
+            &root,
+            &target_dir(&root),
+            pgo::BuildOptions {
+                pgo: true,
+                locked: false,
+            },
+            "test",
+        )?;
+        run_step(
+            "test: the PGO build loads and attaches",
+            Command::new(&daemon.binary).arg("check"),
+        )?;
+    } else {
+        eprintln!("xtask: test: PGO build skipped: cargo test arguments narrow this run");
+    }
     fuzz_pipeline("test: fuzz (60 s)", &root, 60)?;
     eprintln!("xtask: test: all steps passed");
     Ok(())

@@ -12,9 +12,16 @@
 //!
 //! Everything lives under `<target>/pgo/`, apart from the plain build's artifacts: a
 //! `cargo build --release` by hand neither uses nor disturbs it.
+//!
+//! The PGO flags go to cargo in CARGO_ENCODED_RUSTFLAGS, after the caller's own RUSTFLAGS or
+//! CARGO_ENCODED_RUSTFLAGS (so paths with spaces stay whole). Like any flags from the
+//! environment they take the place of `rustflags` from a cargo configuration file, which the
+//! PGO build therefore does not see (the project sets none).
 
 use std::{
-    env, fs,
+    env,
+    ffi::{OsStr, OsString},
+    fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::SystemTime,
@@ -30,25 +37,43 @@ pub struct DaemonBuild {
     pub description: String,
 }
 
-/// Builds the release daemon, with PGO unless `pgo` is false, and returns where it is.
-/// `step` names the calling task in what is printed.
-pub fn build_daemon(root: &Path, target_dir: &Path, pgo: bool, step: &str) -> Result<DaemonBuild> {
-    if !pgo {
+/// How to build the release daemon.
+#[derive(Clone, Copy, Debug)]
+pub struct BuildOptions {
+    /// With profile-guided optimisation; a plain `cargo build --release` otherwise.
+    pub pgo: bool,
+    /// `--locked` on every cargo build.
+    pub locked: bool,
+}
+
+/// Builds the release daemon as `options` say and returns where it is. `step` names the
+/// calling task in what is printed.
+pub fn build_daemon(
+    root: &Path,
+    target_dir: &Path,
+    options: BuildOptions,
+    step: &str,
+) -> Result<DaemonBuild> {
+    let locked: &[&str] = if options.locked { &["--locked"] } else { &[] };
+    if !options.pgo {
         run_step(
             &format!("{step}: build"),
-            cargo(root).args(["build", "--release", "-p", "dnsprobe"]),
+            cargo(root)
+                .args(["build", "--release", "-p", "dnsprobe"])
+                .args(locked),
         )?;
         return Ok(DaemonBuild {
             binary: target_dir.join("release").join("dnsprobe"),
             description: "plain release build (`--no-pgo`)".to_owned(),
         });
     }
-    let base_flags = base_rustflags()?;
+    let base_flags = base_rustflags(step)?;
     let pgo_dir = target_dir.join("pgo");
     let raw_dir = pgo_dir.join("raw");
     let profile = pgo_dir.join("dnsprobe.profdata");
 
-    let instrumented = build_instrumented_bench(root, &pgo_dir, &raw_dir, &base_flags, step)?;
+    let instrumented =
+        build_instrumented_bench(root, &pgo_dir, &raw_dir, &base_flags, locked, step)?;
     if is_newer(&profile, &instrumented)? {
         // Training again would write a profile that differs only in noise (hash seeds vary)
         // and make cargo rebuild every crate of the optimised build for nothing.
@@ -62,52 +87,65 @@ pub fn build_daemon(root: &Path, target_dir: &Path, pgo: bool, step: &str) -> Re
     }
 
     let optimised_dir = pgo_dir.join("optimised");
-    let flags = join_flags(
-        &base_flags,
-        &format!("-Cprofile-use={}", utf8(&profile, "the profile path")?),
-    );
+    let mut profile_use = OsString::from("-Cprofile-use=");
+    profile_use.push(&profile);
     run_step(
-        &format!(
-            "{step}: pgo: optimised build (RUSTFLAGS='{flags}' CARGO_TARGET_DIR={})",
-            optimised_dir.display()
-        ),
+        &format!("{step}: pgo: optimised build"),
         cargo(root)
             .args(["build", "--release", "-p", "dnsprobe"])
+            .args(locked)
             .env("CARGO_TARGET_DIR", &optimised_dir)
-            .env("RUSTFLAGS", &flags),
+            .env_remove("RUSTFLAGS")
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                encoded_rustflags(&base_flags, &profile_use, step)?,
+            ),
     )?;
     Ok(DaemonBuild {
         binary: optimised_dir.join("release").join("dnsprobe"),
         description: format!(
-            "release build with PGO (profile from the pipeline benchmark's synthetic traffic: {})",
+            "release build with PGO (profile from the pipeline benchmark's synthetic traffic: \
+             `{}`)",
             profile.display()
         ),
     })
 }
 
-/// The user's RUSTFLAGS, to which the PGO flags are added. `CARGO_ENCODED_RUSTFLAGS` would
-/// override RUSTFLAGS, and with it the PGO flags, so it is refused rather than ignored.
-fn base_rustflags() -> Result<String> {
-    if env::var_os("CARGO_ENCODED_RUSTFLAGS").is_some_and(|v| !v.is_empty()) {
-        bail!(
-            "pgo: CARGO_ENCODED_RUSTFLAGS is set and would override the PGO flags; unset it, \
-             or build without PGO (--no-pgo)"
-        );
+/// The caller's own rustc flags, to which the PGO flag is added: CARGO_ENCODED_RUSTFLAGS when
+/// set (even empty: cargo then ignores RUSTFLAGS), else RUSTFLAGS split at whitespace, as
+/// cargo splits it.
+fn base_rustflags(step: &str) -> Result<Vec<String>> {
+    let text = |name: &str| -> Result<Option<String>> {
+        match env::var(name) {
+            Ok(v) => Ok(Some(v)),
+            Err(env::VarError::NotPresent) => Ok(None),
+            Err(env::VarError::NotUnicode(_)) => {
+                bail!("{step}: pgo: {name} is not UTF-8")
+            }
+        }
+    };
+    if let Some(encoded) = text("CARGO_ENCODED_RUSTFLAGS")? {
+        return Ok(encoded
+            .split('\x1f')
+            .filter(|f| !f.is_empty())
+            .map(str::to_owned)
+            .collect());
     }
-    Ok(env::var("RUSTFLAGS").unwrap_or_default())
+    Ok(text("RUSTFLAGS")?
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect())
 }
 
-fn join_flags(base: &str, flag: &str) -> String {
-    if base.trim().is_empty() {
-        flag.to_owned()
-    } else {
-        format!("{base} {flag}")
-    }
-}
-
-fn utf8<'a>(path: &'a Path, what: &str) -> Result<&'a str> {
-    path.to_str()
-        .with_context(|| format!("pgo: {what} {} is not UTF-8", path.display()))
+/// `base` and then `flag`, as CARGO_ENCODED_RUSTFLAGS carries them (0x1f between flags).
+fn encoded_rustflags(base: &[String], flag: &OsStr, step: &str) -> Result<String> {
+    let flag = flag
+        .to_str()
+        .with_context(|| format!("{step}: pgo: {} is not UTF-8", flag.to_string_lossy()))?;
+    let mut flags: Vec<&str> = base.iter().map(String::as_str).collect();
+    flags.push(flag);
+    Ok(flags.join("\x1f"))
 }
 
 /// Builds the pipeline benchmark instrumented to count what runs, and returns its executable.
@@ -115,17 +153,12 @@ fn build_instrumented_bench(
     root: &Path,
     pgo_dir: &Path,
     raw_dir: &Path,
-    base_flags: &str,
+    base_flags: &[String],
+    locked: &[&str],
     step: &str,
 ) -> Result<PathBuf> {
-    let flags = join_flags(
-        base_flags,
-        &format!(
-            "-Cprofile-generate={}",
-            utf8(raw_dir, "the profile directory")?
-        ),
-    );
-    let instrumented_dir = pgo_dir.join("instrumented");
+    let mut profile_generate = OsString::from("-Cprofile-generate=");
+    profile_generate.push(raw_dir);
     let mut cmd = cargo(root);
     cmd.args([
         "bench",
@@ -136,45 +169,50 @@ fn build_instrumented_bench(
         "--no-run",
         "--message-format=json-render-diagnostics",
     ])
-    .env("CARGO_TARGET_DIR", &instrumented_dir)
-    .env("RUSTFLAGS", &flags)
+    .args(locked)
+    .env("CARGO_TARGET_DIR", pgo_dir.join("instrumented"))
+    .env_remove("RUSTFLAGS")
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        encoded_rustflags(base_flags, &profile_generate, step)?,
+    )
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
-    eprintln!(
-        "xtask: {step}: pgo: instrumented build (RUSTFLAGS='{flags}' CARGO_TARGET_DIR={}): {}",
-        instrumented_dir.display(),
-        describe(&cmd)
-    );
+    eprintln!("xtask: {step}: pgo: instrumented build: {}", describe(&cmd));
     let out = cmd
         .output()
-        .with_context(|| format!("pgo: cannot start `{}`", describe(&cmd)))?;
+        .with_context(|| format!("{step}: pgo: cannot start `{}`", describe(&cmd)))?;
     if !out.status.success() {
         bail!(
-            "pgo: instrumented build failed: `{}` exited with {}",
+            "{step}: pgo: instrumented build failed: `{}` exited with {}",
             describe(&cmd),
             out.status
         );
     }
     bench_executable(&String::from_utf8_lossy(&out.stdout)).with_context(|| {
         format!(
-            "pgo: `{}` named no executable for the `pipeline` benchmark",
+            "{step}: pgo: `{}` named no executable for the `pipeline` benchmark",
             describe(&cmd)
         )
     })
 }
 
-/// The executable of the `pipeline` bench target in cargo's JSON messages.
+/// The executable of the `pipeline` bench target in cargo's JSON messages (one per line).
 fn bench_executable(messages: &str) -> Option<PathBuf> {
     messages.lines().find_map(|line| {
-        if !line.contains(r#""reason":"compiler-artifact""#)
-            || !line.contains(r#""kind":["bench"]"#)
-            || !line.contains(r#""name":"pipeline""#)
-        {
+        let message: serde_json::Value = serde_json::from_str(line).ok()?;
+        let target = message.get("target")?;
+        let is_pipeline_bench = message.get("reason")?.as_str()? == "compiler-artifact"
+            && target.get("name")?.as_str()? == "pipeline"
+            && target
+                .get("kind")?
+                .as_array()?
+                .iter()
+                .any(|k| k.as_str() == Some("bench"));
+        if !is_pipeline_bench {
             return None;
         }
-        let (_, rest) = line.split_once(r#""executable":""#)?;
-        let (path, _) = rest.split_once('"')?;
-        Some(PathBuf::from(path))
+        message.get("executable")?.as_str().map(PathBuf::from)
     })
 }
 
@@ -203,10 +241,11 @@ fn train(instrumented: &Path, raw_dir: &Path, step: &str) -> Result<()> {
         Ok(()) => {}
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => {
-            return Err(err).with_context(|| format!("pgo: removing {}", raw_dir.display()))
+            return Err(err).with_context(|| format!("{step}: pgo: removing {}", raw_dir.display()))
         }
     }
-    fs::create_dir_all(raw_dir).with_context(|| format!("pgo: creating {}", raw_dir.display()))?;
+    fs::create_dir_all(raw_dir)
+        .with_context(|| format!("{step}: pgo: creating {}", raw_dir.display()))?;
     let mut cmd = Command::new(instrumented);
     cmd.arg("--bench")
         .env(
@@ -226,54 +265,90 @@ fn train(instrumented: &Path, raw_dir: &Path, step: &str) -> Result<()> {
 }
 
 /// Merges the training run's raw counts into the profile the optimised build reads, with the
-/// llvm-profdata of rustc's own LLVM (the raw format is tied to it).
+/// llvm-profdata of rustc's own LLVM (the raw format is tied to it). Written beside it and
+/// renamed, so an interrupted merge never leaves a profile that looks newer than its bench.
 fn merge_profile(root: &Path, raw_dir: &Path, profile: &Path, step: &str) -> Result<()> {
-    let tool = llvm_profdata(root)?;
+    let tool = llvm_profdata(root, step)?;
     let mut raws: Vec<PathBuf> = fs::read_dir(raw_dir)
-        .with_context(|| format!("pgo: reading {}", raw_dir.display()))?
+        .with_context(|| format!("{step}: pgo: reading {}", raw_dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "profraw"))
         .collect();
     if raws.is_empty() {
         bail!(
-            "pgo: the training run wrote no profile into {}",
+            "{step}: pgo: the training run wrote no profile into {}",
             raw_dir.display()
         );
     }
     raws.sort();
+    let partial = profile.with_extension("profdata.partial");
     run_step(
         &format!("{step}: pgo: merge"),
         Command::new(&tool)
             .arg("merge")
             .arg("-o")
-            .arg(profile)
+            .arg(&partial)
             .args(&raws),
-    )
+    )?;
+    fs::rename(&partial, profile).with_context(|| {
+        format!(
+            "{step}: pgo: renaming {} to {}",
+            partial.display(),
+            profile.display()
+        )
+    })
 }
 
-/// `llvm-profdata` of the LLVM major that `rustc` (the toolchain cargo builds the daemon
-/// with) reports.
-fn llvm_profdata(root: &Path) -> Result<PathBuf> {
-    let out = Command::new("rustc")
-        .arg("-vV")
-        .current_dir(root)
-        .output()
-        .context("pgo: cannot run `rustc -vV`")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let major = llvm_major(&text)
-        .with_context(|| format!("pgo: `rustc -vV` reports no LLVM version:\n{text}"))?;
-    let candidates = [
-        PathBuf::from(format!("/usr/lib/llvm-{major}/bin/llvm-profdata")),
-        PathBuf::from(format!("/usr/bin/llvm-profdata-{major}")),
-    ];
+/// `llvm-profdata` of the LLVM that rustc (`$RUSTC`, else the `rustc` cargo runs here)
+/// reports: rustup's llvm-tools copy in its sysroot when installed, else Debian's.
+fn llvm_profdata(root: &Path, step: &str) -> Result<PathBuf> {
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| OsString::from("rustc"));
+    let query = |args: &[&str]| -> Result<String> {
+        let mut cmd = Command::new(&rustc);
+        cmd.args(args).current_dir(root);
+        let out = cmd
+            .output()
+            .with_context(|| format!("{step}: pgo: cannot run `{}`", describe(&cmd)))?;
+        if !out.status.success() {
+            bail!(
+                "{step}: pgo: `{}` exited with {}: {}",
+                describe(&cmd),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let version = query(&["-vV"])?;
+    let major = llvm_major(&version)
+        .with_context(|| format!("{step}: pgo: `rustc -vV` reports no LLVM version:\n{version}"))?;
+    let host = version
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::trim);
+    let sysroot = query(&["--print", "sysroot"])?;
+    let mut candidates = Vec::new();
+    if let Some(host) = host {
+        candidates.push(
+            Path::new(sysroot.trim())
+                .join("lib/rustlib")
+                .join(host)
+                .join("bin/llvm-profdata"),
+        );
+    }
+    candidates.push(PathBuf::from(format!(
+        "/usr/lib/llvm-{major}/bin/llvm-profdata"
+    )));
+    candidates.push(PathBuf::from(format!("/usr/bin/llvm-profdata-{major}")));
     candidates
         .iter()
         .find(|p| p.is_file())
         .cloned()
         .with_context(|| {
             format!(
-                "pgo: rustc uses LLVM {major}, and no llvm-profdata of that LLVM is installed \
-                 (looked for {}); install Debian's llvm-{major}, or build without PGO (--no-pgo)",
+                "{step}: pgo: rustc uses LLVM {major}, and no llvm-profdata of that LLVM is \
+                 installed (looked for {}); install Debian's llvm-{major}, or build without PGO \
+                 (--no-pgo)",
                 candidates
                     .iter()
                     .map(|p| p.display().to_string())
@@ -323,9 +398,16 @@ mod tests {
     }
 
     #[test]
-    fn joins_flags_without_a_stray_space() {
-        assert_eq!(join_flags("", "-Cb"), "-Cb");
-        assert_eq!(join_flags("  ", "-Cb"), "-Cb");
-        assert_eq!(join_flags("-Ca", "-Cb"), "-Ca -Cb");
+    fn pgo_flags_follow_the_callers_own_and_keep_spaces_in_paths() {
+        let base = vec!["-Ctarget-cpu=x86-64-v2".to_owned(), "-g".to_owned()];
+        let flag = OsString::from("-Cprofile-use=/a dir/dnsprobe.profdata");
+        assert_eq!(
+            encoded_rustflags(&base, &flag, "t").expect("UTF-8"),
+            "-Ctarget-cpu=x86-64-v2\x1f-g\x1f-Cprofile-use=/a dir/dnsprobe.profdata"
+        );
+        assert_eq!(
+            encoded_rustflags(&[], &flag, "t").expect("UTF-8"),
+            "-Cprofile-use=/a dir/dnsprobe.profdata"
+        );
     }
 }
