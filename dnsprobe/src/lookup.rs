@@ -1181,6 +1181,23 @@ impl LookupTracker {
     }
 }
 
+/// A lookup none of `diagnose`'s sections has anything to say about: no search-list expansion,
+/// no late answer, and every query sent once, answered in time, not SERVFAIL, not truncated
+/// and with no drop. Stricter than the sections together (a truncated TCP answer, say, is
+/// left to them), never looser.
+fn plainly_healthy(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> bool {
+    lookup.late.is_empty()
+        && lookup.expansions().next().is_none()
+        && lookup.queries.iter().all(|q| {
+            q.outcome == Outcome::Answered
+                && q.rcode != Some(RCODE_SERVFAIL)
+                && !q.truncated
+                && q.drops.is_empty()
+                && q.send_ts_ns.len() == 1
+                && q.latency_ns().is_some_and(|l| l < cfg.slow_ns)
+        })
+}
+
 /// Whether `q` asked a search-list expansion of its lookup's name rather than the name itself.
 /// A query joins a lookup only under the name its resolver was asked, which is its own name
 /// with any search domain cut off: it asked that very name exactly when the lengths agree.
@@ -1308,6 +1325,19 @@ fn describe(q: &LookupQuery) -> String {
 }
 
 fn diagnose(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
+    // Most lookups: no section of `diagnose_all` would find anything, and this says so in one
+    // pass. Debug builds (every test) check that on each lookup.
+    if plainly_healthy(lookup, cfg) {
+        debug_assert!(
+            diagnose_all(lookup, cfg).is_empty(),
+            "a lookup taken for healthy has a diagnosis"
+        );
+        return Vec::new();
+    }
+    diagnose_all(lookup, cfg)
+}
+
+fn diagnose_all(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> Vec<Diagnosis> {
     let queries = &lookup.queries;
     let mut out = Vec::new();
 
@@ -1820,6 +1850,39 @@ mod tests {
         slow_ns: 500 * MS,
         query_timeout_ns: 10_000 * MS,
     };
+
+    /// Each way out of the shortcut, one at a time; the sections' own tests cover what they
+    /// find, and every lookup of every debug build checks the shortcut against them.
+    #[test]
+    fn only_plainly_healthy_lookups_skip_the_diagnosis() {
+        let ok = || query("www.example.com.", 1, 1, &[0], Some(MS), Some(0));
+        let healthy = |q: FinishedQuery| plainly_healthy(&lookup("www.example.com.", vec![q]), &CFG);
+        assert!(healthy(ok()));
+        assert!(healthy(query("www.example.com.", 1, 1, &[0], Some(MS), Some(3))));
+        assert!(!healthy(query("www.example.com.", 1, 1, &[0], None, None)));
+        assert!(!healthy(query("www.example.com.", 1, 1, &[0], Some(MS), Some(2))));
+        assert!(!healthy(query("www.example.com.", 1, 1, &[0, MS], Some(2 * MS), Some(0))));
+        assert!(!healthy(query("www.example.com.", 1, 1, &[0], Some(600 * MS), Some(0))));
+        let mut truncated = ok();
+        truncated.truncated = true;
+        assert!(!healthy(truncated));
+        let mut dropped = ok();
+        dropped.drops.push(DropRecord {
+            ts_ns: 2 * MS,
+            packet: DroppedPacket::Response,
+            reason: "NO_SOCKET".into(),
+            kind: "no_socket".into(),
+            detail: None,
+            location: "__udp4_lib_rcv+0x9ab".into(),
+            netns_inum: 1,
+            src: "10.0.0.2:53".parse().unwrap(),
+            dst: "10.0.0.1:40000".parse().unwrap(),
+            dns_id: Some(1),
+        });
+        assert!(!healthy(dropped));
+        let expanded = query("www.example.com.ns1.svc.cluster.local.", 1, 1, &[0], Some(MS), Some(3));
+        assert!(!plainly_healthy(&lookup("www.example.com.", vec![expanded]), &CFG));
+    }
 
     #[test]
     fn healthy_lookup_has_no_diagnosis() {

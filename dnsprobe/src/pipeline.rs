@@ -11,7 +11,7 @@ use crate::{
         DropRecord, DroppedPacket, FinishedQuery, Observation, QueryTracker, RecentQueries, Sender,
         SenderNames,
     },
-    decode::{decode_event, read_event},
+    decode::{decode_event, read_event, Comm},
     drops::{decode_drop, read_drop_event, DropReasons, KernelSymbols},
     export::{clock_ns, RecordFormat, RecordWriter, WallClock},
     lookup::{DiagnosisConfig, LateArrival, LookupRecord, LookupTracker, ResolverConfigs},
@@ -119,7 +119,9 @@ pub struct Pipeline {
     /// same thread and cgroup in the same batch (`coarse::freeze`) takes it as it is instead of
     /// asking every cache again. Outside a batch the clock moves, and this practically never
     /// matches (a match would still be right: the same thread and cgroup in the same instant).
-    pub last_sender: Option<(std::time::Instant, Sender)>,
+    /// The sending thread's name is kept as the kernel gave it, so that a match compares
+    /// sixteen bytes rather than making text of them.
+    pub last_sender: Option<(std::time::Instant, Option<Comm>, Sender)>,
 }
 
 /// Moves the drops in `waiting` that belong to `query` (its client and DNS id, between its
@@ -242,18 +244,18 @@ impl Pipeline {
         let last_sender = &mut self.last_sender;
         let observed = self.tracker.observe(packet, |p| {
             let now = crate::coarse::now();
-            let thread = p.comm.as_ref().map(|c| c.text());
             let mut sender = match last_sender {
-                Some((at, last))
+                Some((at, comm, last))
                     if *at == now
                         && last.pid == p.pid
                         && last.tid == p.tid
                         && last.cgroup_id == p.cgroup_id
-                        && last.names.thread_comm.as_deref() == thread.as_deref() =>
+                        && *comm == p.comm =>
                 {
                     last.clone()
                 }
                 _ => {
+                    let thread = p.comm.as_ref().map(|c| c.text());
                     let cgroup_path = paths.resolve(p.cgroup_id);
                     // The process may be gone already; its sending thread's name is the next
                     // best.
@@ -281,7 +283,7 @@ impl Pipeline {
                         }),
                         lookup: 0,
                     };
-                    *last_sender = Some((now, sender.clone()));
+                    *last_sender = Some((now, p.comm, sender.clone()));
                     sender
                 }
             };
