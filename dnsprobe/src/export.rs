@@ -771,7 +771,9 @@ impl<W: Write> RecordWriter<W> {
         let seconds = &mut self.seconds;
         let out = &mut self.pending;
         out.extend_from_slice(b"{\"event\":\"query\",\"time\":");
+        let time = out.len();
         push_json_time(out, Timestamp(clock.wall_ns(q.first_send_ns())), seconds);
+        let time = time..out.len();
         out.extend_from_slice(lead!("qname"));
         push_json_str(out, &q.qname);
         out.extend_from_slice(lead!("qtype"));
@@ -798,10 +800,17 @@ impl<W: Write> RecordWriter<W> {
         out.extend_from_slice(lead!("sends"));
         push_num(out, q.send_ts_ns.len());
         out.extend_from_slice(lead!("send_times"));
-        push_array(out, &q.send_ts_ns, |out, &t| {
-            push_json_time(out, Timestamp(clock.wall_ns(t)), seconds);
-            Ok(())
-        })?;
+        if let [_only] = q.send_ts_ns.as_slice() {
+            // Sent once: the time above, already written.
+            out.push(b'[');
+            out.extend_from_within(time);
+            out.push(b']');
+        } else {
+            push_array(out, &q.send_ts_ns, |out, &t| {
+                push_json_time(out, Timestamp(clock.wall_ns(t)), seconds);
+                Ok(())
+            })?;
+        }
         out.extend_from_slice(lead!("answers"));
         push_array(out, &q.answers, push_json_answer)?;
         out.extend_from_slice(lead!("truncated"));
