@@ -18,7 +18,7 @@ use std::{
     ffi::OsString,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -180,6 +180,23 @@ fn run_step(step: &str, cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` for its stdout (its stderr goes to ours), failing as `run_step` does.
+fn stdout_of(step: &str, cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("{step}: cannot start `{}`", describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "{step} failed: `{}` exited with {}",
+            describe(cmd),
+            out.status
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Runs `cmd` quietly for its stdout; `None` if it could not start or failed, for probes
 /// whose failure just means "not there yet".
 fn probe(cmd: &mut Command) -> Option<String> {
@@ -195,21 +212,45 @@ fn describe(cmd: &Command) -> String {
     let mut s = String::new();
     for (key, value) in cmd.get_envs() {
         if let Some(value) = value {
-            let value = value.to_string_lossy();
-            if value.contains(['\x1f', ' ']) {
-                // CARGO_ENCODED_RUSTFLAGS separates its flags with 0x1f.
-                s.push_str(&format!("{}={:?} ", key.to_string_lossy(), value));
-            } else {
-                s.push_str(&format!("{}={} ", key.to_string_lossy(), value));
-            }
+            s.push_str(&key.to_string_lossy());
+            s.push('=');
+            s.push_str(&shell_quote(&value.to_string_lossy()));
+            s.push(' ');
         }
     }
-    s.push_str(&cmd.get_program().to_string_lossy());
+    s.push_str(&shell_quote(&cmd.get_program().to_string_lossy()));
     for arg in cmd.get_args() {
         s.push(' ');
-        s.push_str(&arg.to_string_lossy());
+        s.push_str(&shell_quote(&arg.to_string_lossy()));
     }
     s
+}
+
+/// `word` as a POSIX shell reads it back: as it is when nothing in it is special, in single
+/// quotes otherwise, and as bash's `$'...'` when it holds control characters (the 0x1f that
+/// separates CARGO_ENCODED_RUSTFLAGS' flags), which single quotes would keep but a terminal
+/// would not show.
+fn shell_quote(word: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        return word.into();
+    }
+    if word.chars().any(char::is_control) {
+        let mut s = String::from("$'");
+        for c in word.chars() {
+            match c {
+                '\\' | '\'' => {
+                    s.push('\\');
+                    s.push(c);
+                }
+                c if c.is_control() => s.push_str(&format!("\\u{:04x}", u32::from(c))),
+                c => s.push(c),
+            }
+        }
+        s.push('\'');
+        return s.into();
+    }
+    format!("'{}'", word.replace('\'', "'\\''")).into()
 }
 
 fn setup() -> Result<()> {
@@ -560,4 +601,33 @@ fn test(args: Vec<OsString>) -> Result<()> {
     fuzz_pipeline("test: fuzz (60 s)", &root, 60)?;
     eprintln!("xtask: test: all steps passed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_words_read_back_the_same_in_a_shell() {
+        let words = [
+            "plain/path-1.0",
+            "",
+            "two words",
+            "it's",
+            "$HOME",
+            "back\\slash",
+            "-Cprofile-use=/a b/p\x1f-Cfoo",
+            "tab\tand\u{85}next",
+        ];
+        for word in words {
+            let quoted = shell_quote(word);
+            let out = Command::new("bash")
+                .args(["-c", &format!("printf %s {quoted}")])
+                .output()
+                .expect("bash runs");
+            assert!(out.status.success(), "{quoted}");
+            assert_eq!(String::from_utf8_lossy(&out.stdout), word, "{quoted}");
+        }
+        assert_eq!(shell_quote("plain/path-1.0"), "plain/path-1.0");
+    }
 }

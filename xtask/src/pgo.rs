@@ -29,7 +29,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cargo, describe, run_step};
+use crate::{cargo, describe, run_step, stdout_of};
 
 /// A built release daemon and how it was built, for the reports that measure it.
 pub struct DaemonBuild {
@@ -175,21 +175,10 @@ fn build_instrumented_bench(
     .env(
         "CARGO_ENCODED_RUSTFLAGS",
         encoded_rustflags(base_flags, &profile_generate, step)?,
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    );
     eprintln!("xtask: {step}: pgo: instrumented build: {}", describe(&cmd));
-    let out = cmd
-        .output()
-        .with_context(|| format!("{step}: pgo: cannot start `{}`", describe(&cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "{step}: pgo: instrumented build failed: `{}` exited with {}",
-            describe(&cmd),
-            out.status
-        );
-    }
-    bench_executable(&String::from_utf8_lossy(&out.stdout)).with_context(|| {
+    let messages = stdout_of(&format!("{step}: pgo: instrumented build"), &mut cmd)?;
+    bench_executable(&messages).with_context(|| {
         format!(
             "{step}: pgo: `{}` named no executable for the `pipeline` benchmark",
             describe(&cmd)
@@ -304,20 +293,10 @@ fn merge_profile(root: &Path, raw_dir: &Path, profile: &Path, step: &str) -> Res
 fn llvm_profdata(root: &Path, step: &str) -> Result<PathBuf> {
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| OsString::from("rustc"));
     let query = |args: &[&str]| -> Result<String> {
-        let mut cmd = Command::new(&rustc);
-        cmd.args(args).current_dir(root);
-        let out = cmd
-            .output()
-            .with_context(|| format!("{step}: pgo: cannot run `{}`", describe(&cmd)))?;
-        if !out.status.success() {
-            bail!(
-                "{step}: pgo: `{}` exited with {}: {}",
-                describe(&cmd),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(
+            &format!("{step}: pgo: rustc query"),
+            Command::new(&rustc).args(args).current_dir(root),
+        )
     };
     let version = query(&["-vV"])?;
     let major = llvm_major(&version)
