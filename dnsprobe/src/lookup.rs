@@ -1855,14 +1855,18 @@ mod tests {
     /// find, and every lookup of every debug build checks the shortcut against them.
     #[test]
     fn only_plainly_healthy_lookups_skip_the_diagnosis() {
-        let ok = || query("www.example.com.", 1, 1, &[0], Some(MS), Some(0));
-        let healthy = |q: FinishedQuery| plainly_healthy(&lookup("www.example.com.", vec![q]), &CFG);
+        let one = |sends: &[u64], response: Option<u64>, rcode: Option<u16>| {
+            query("www.example.com.", 1, 1, sends, response, rcode)
+        };
+        let ok = || one(&[0], Some(MS), Some(0));
+        let healthy =
+            |q: FinishedQuery| plainly_healthy(&lookup("www.example.com.", vec![q]), &CFG);
         assert!(healthy(ok()));
-        assert!(healthy(query("www.example.com.", 1, 1, &[0], Some(MS), Some(3))));
-        assert!(!healthy(query("www.example.com.", 1, 1, &[0], None, None)));
-        assert!(!healthy(query("www.example.com.", 1, 1, &[0], Some(MS), Some(2))));
-        assert!(!healthy(query("www.example.com.", 1, 1, &[0, MS], Some(2 * MS), Some(0))));
-        assert!(!healthy(query("www.example.com.", 1, 1, &[0], Some(600 * MS), Some(0))));
+        assert!(healthy(one(&[0], Some(MS), Some(3))));
+        assert!(!healthy(one(&[0], None, None)));
+        assert!(!healthy(one(&[0], Some(MS), Some(2))));
+        assert!(!healthy(one(&[0, MS], Some(2 * MS), Some(0))));
+        assert!(!healthy(one(&[0], Some(600 * MS), Some(0))));
         let mut truncated = ok();
         truncated.truncated = true;
         assert!(!healthy(truncated));
@@ -1880,8 +1884,18 @@ mod tests {
             dns_id: Some(1),
         });
         assert!(!healthy(dropped));
-        let expanded = query("www.example.com.ns1.svc.cluster.local.", 1, 1, &[0], Some(MS), Some(3));
-        assert!(!plainly_healthy(&lookup("www.example.com.", vec![expanded]), &CFG));
+        let expanded = query(
+            "www.example.com.ns1.svc.cluster.local.",
+            1,
+            1,
+            &[0],
+            Some(MS),
+            Some(3),
+        );
+        assert!(!plainly_healthy(
+            &lookup("www.example.com.", vec![expanded]),
+            &CFG
+        ));
     }
 
     #[test]
