@@ -1871,18 +1871,7 @@ mod tests {
         truncated.truncated = true;
         assert!(!healthy(truncated));
         let mut dropped = ok();
-        dropped.drops.push(DropRecord {
-            ts_ns: 2 * MS,
-            packet: DroppedPacket::Response,
-            reason: "NO_SOCKET".into(),
-            kind: "no_socket".into(),
-            detail: None,
-            location: "__udp4_lib_rcv+0x9ab".into(),
-            netns_inum: 1,
-            src: "10.0.0.2:53".parse().unwrap(),
-            dst: "10.0.0.1:40000".parse().unwrap(),
-            dns_id: Some(1),
-        });
+        dropped.drops.push(response_to_closed_socket(2 * MS, 1));
         assert!(!healthy(dropped));
         let expanded = query(
             "www.example.com.ns1.svc.cluster.local.",
@@ -2075,11 +2064,11 @@ mod tests {
         assert_eq!(r.final_rcode, None);
     }
 
-    #[test]
-    fn response_to_a_closed_socket_is_late_not_a_network_drop() {
-        let mut q = query("gone.example.", 1, 9, &[0], None, None);
-        q.drops.push(DropRecord {
-            ts_ns: 2000 * MS,
+    /// The kernel dropping the answer to query `id` (of `query`'s client and server) for want
+    /// of a socket.
+    fn response_to_closed_socket(ts_ns: u64, id: u16) -> DropRecord {
+        DropRecord {
+            ts_ns,
             packet: DroppedPacket::Response,
             reason: "NO_SOCKET".into(),
             kind: "no_socket".into(),
@@ -2088,8 +2077,14 @@ mod tests {
             netns_inum: 1,
             src: "10.0.0.2:53".parse().unwrap(),
             dst: "10.0.0.1:40000".parse().unwrap(),
-            dns_id: Some(9),
-        });
+            dns_id: Some(id),
+        }
+    }
+
+    #[test]
+    fn response_to_a_closed_socket_is_late_not_a_network_drop() {
+        let mut q = query("gone.example.", 1, 9, &[0], None, None);
+        q.drops.push(response_to_closed_socket(2000 * MS, 9));
         let r = build_record(&lookup("gone.example.", vec![q]), &CFG);
         assert_eq!(codes(&r), vec!["late_response", "no_response"]);
         assert_eq!(r.diagnosis[0].evidence["responses"][0]["why"], "NO_SOCKET");
