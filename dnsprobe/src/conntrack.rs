@@ -116,6 +116,14 @@ pub struct ConntrackWatch {
     /// The last verdict per namespace: a storm of drops reuses it instead of re-reading the
     /// counters (each read costs a thread and a setns) for every packet.
     recent_verdicts: HashMap<u32, (Instant, NetfilterVerdict)>,
+    /// pid -> network namespace, as the last walk of /proc found them: a node has hundreds of
+    /// processes and a handful of namespaces, and reading every process's `ns/net` at every
+    /// refresh was most of what an idle daemon did (about 5 µs per process here).
+    pid_netns: HashMap<u32, u32>,
+    /// Refreshes since the last walk that read every process's namespace again.
+    walks_since_full: u32,
+    /// `ns/net` links read, for tests of the cache.
+    netns_reads: u64,
     pub read_errors: u64,
 }
 
@@ -124,6 +132,12 @@ const VERDICT_REUSE: Duration = Duration::from_millis(50);
 
 /// Namespaces tracked at most; beyond that the oldest baselines are rebuilt from scratch.
 const MAX_NAMESPACES: usize = 16_384;
+
+/// Every this many refreshes, the walk of /proc reads every process's namespace again rather
+/// than only new processes'. Between two such walks, a process known already that moved to a
+/// namespace of its own (`unshare`, `setns`) is not noticed; a reused pid is, where it
+/// matters (see [`ConntrackWatch::discover`]).
+const FULL_WALK_EVERY: u32 = 6;
 
 impl ConntrackWatch {
     pub fn new(refresh_every: Duration) -> Self {
@@ -135,6 +149,9 @@ impl ConntrackWatch {
             last_refresh: None,
             refresh_every,
             recent_verdicts: HashMap::new(),
+            pid_netns: HashMap::new(),
+            walks_since_full: 0,
+            netns_reads: 0,
             read_errors: 0,
         }
     }
@@ -152,7 +169,9 @@ impl ConntrackWatch {
             return;
         }
         self.last_refresh = Some(Instant::now());
-        self.discover();
+        self.walks_since_full += 1;
+        let full = self.walks_since_full >= FULL_WALK_EVERY;
+        self.discover(full);
         let handles = &self.handles;
         self.baselines.retain(|inum, _| handles.contains_key(inum));
         self.recent_verdicts
@@ -186,7 +205,7 @@ impl ConntrackWatch {
 
     fn read_verdict(&mut self, inum: u32) -> NetfilterVerdict {
         if !self.handles.contains_key(&inum) {
-            self.discover();
+            self.discover(true);
         }
         let now = match self.read(inum) {
             Ok(c) => c,
@@ -220,33 +239,66 @@ impl ConntrackWatch {
     }
 
     /// Maps namespace inode numbers to ways into them: a process where there is one, else a
-    /// named namespace file.
-    fn discover(&mut self) {
+    /// named namespace file. Unless `full`, a process seen by an earlier walk is taken to be
+    /// where it was then; only the process chosen as a namespace's way in is checked, so that
+    /// a reused pid cannot pass one namespace's counters off as another's.
+    fn discover(&mut self, full: bool) {
+        if full {
+            self.walks_since_full = 0;
+        }
         if self.baselines.len() >= MAX_NAMESPACES {
             self.baselines.clear();
         }
-        let mut found: HashMap<u32, NetnsHandle> = HashMap::new();
+        let mut pid_netns: HashMap<u32, u32> = HashMap::with_capacity(self.pid_netns.len());
+        // inum -> the process that leads into it, and whether its namespace was read just now.
+        let mut ways_in: HashMap<u32, (u32, bool)> = HashMap::new();
         if let Ok(entries) = fs::read_dir(&self.proc_root) {
             for entry in entries.flatten() {
-                let name = entry.file_name();
-                if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-                    continue;
-                }
-                let Ok(link) = fs::read_link(entry.path().join("ns/net")) else {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
                     continue;
                 };
-                let inum = link
-                    .to_string_lossy()
-                    .strip_prefix("net:[")
-                    .and_then(|s| s.strip_suffix(']'))
-                    .and_then(|s| s.parse::<u32>().ok());
-                if let Some(inum) = inum {
-                    found
-                        .entry(inum)
-                        .or_insert_with(|| NetnsHandle::Process(entry.path().join("net")));
+                let known = if full {
+                    None
+                } else {
+                    self.pid_netns.get(&pid).copied()
+                };
+                let (inum, fresh) = match known {
+                    Some(inum) => (inum, false),
+                    None => match self.netns_of(pid) {
+                        Some(inum) => (inum, true),
+                        None => continue,
+                    },
+                };
+                pid_netns.insert(pid, inum);
+                // The lowest pid: most likely the namespace's first process and its last to
+                // go, so the way in rarely changes.
+                let way_in = ways_in.entry(inum).or_insert((pid, fresh));
+                if pid < way_in.0 {
+                    *way_in = (pid, fresh);
                 }
             }
         }
+        let stale = ways_in
+            .iter()
+            .filter(|(_, (_, fresh))| !fresh)
+            .any(|(&inum, &(pid, _))| self.netns_of(pid) != Some(inum));
+        if stale && !full {
+            // A pid now names another process, or the process moved: what else was taken
+            // from the last walk cannot be trusted either.
+            return self.discover(true);
+        }
+        self.pid_netns = pid_netns;
+        let mut found: HashMap<u32, NetnsHandle> = ways_in
+            .into_iter()
+            .map(|(inum, (pid, _))| {
+                let net = self.proc_root.join(pid.to_string()).join("net");
+                (inum, NetnsHandle::Process(net))
+            })
+            .collect();
         if let Ok(entries) = fs::read_dir(&self.named_netns_dir) {
             for entry in entries.flatten() {
                 if let Ok(meta) = fs::metadata(entry.path()) {
@@ -260,6 +312,17 @@ impl ConntrackWatch {
         }
         // Processes come and go: a fresh scan replaces the old handles.
         self.handles = found;
+    }
+
+    /// The network namespace of process `pid`, from its `ns/net` link (`net:[4026531840]`).
+    fn netns_of(&mut self, pid: u32) -> Option<u32> {
+        self.netns_reads += 1;
+        let link = fs::read_link(self.proc_root.join(pid.to_string()).join("ns/net")).ok()?;
+        link.to_str()?
+            .strip_prefix("net:[")?
+            .strip_suffix(']')?
+            .parse::<u32>()
+            .ok()
     }
 
     fn read(&self, inum: u32) -> Result<ConntrackCounters, ConntrackError> {
@@ -323,6 +386,150 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
             parse_stat("entries found\n0 0\n"),
             Err(ConntrackError::NoColumn("insert_failed"))
         ));
+    }
+
+    /// A made-up /proc: processes with an `ns/net` link and their namespace's statistics.
+    struct FakeProc {
+        root: PathBuf,
+    }
+
+    impl FakeProc {
+        fn new() -> Self {
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let root = std::env::temp_dir().join(format!(
+                "dnsprobe-conntrack-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            fs::create_dir_all(root.join("self")).unwrap();
+            Self { root }
+        }
+
+        /// Process `pid` in namespace `inum`, created or moved there.
+        fn put(&self, pid: u32, inum: u32) {
+            let dir = self.root.join(pid.to_string());
+            fs::create_dir_all(dir.join("ns")).unwrap();
+            fs::create_dir_all(dir.join("net/stat")).unwrap();
+            let link = dir.join("ns/net");
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(format!("net:[{inum}]"), &link).unwrap();
+            fs::write(dir.join("net/stat/nf_conntrack"), STAT).unwrap();
+        }
+
+        fn remove(&self, pid: u32) {
+            fs::remove_dir_all(self.root.join(pid.to_string())).unwrap();
+        }
+
+        fn watch(&self) -> ConntrackWatch {
+            let mut watch = ConntrackWatch::new(Duration::ZERO);
+            watch.proc_root = self.root.clone();
+            watch.named_netns_dir = self.root.join("no-named-namespaces");
+            watch
+        }
+    }
+
+    impl Drop for FakeProc {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+
+    /// Which process leads into each namespace.
+    fn ways_in(watch: &ConntrackWatch) -> Vec<(u32, String)> {
+        let mut ways: Vec<(u32, String)> = watch
+            .handles
+            .iter()
+            .map(|(inum, handle)| match handle {
+                NetnsHandle::Process(net) => {
+                    let pid = net.parent().unwrap().file_name().unwrap();
+                    (*inum, pid.to_string_lossy().into_owned())
+                }
+                NetnsHandle::File(path) => (*inum, path.display().to_string()),
+            })
+            .collect();
+        ways.sort();
+        ways
+    }
+
+    #[test]
+    fn later_walks_read_only_new_processes_and_the_ways_in() {
+        let proc = FakeProc::new();
+        for pid in 100..110 {
+            proc.put(pid, 111);
+        }
+        proc.put(200, 222);
+        let mut watch = proc.watch();
+        watch.refresh_if_due();
+        assert_eq!(watch.netns_reads, 11, "the first walk reads every process");
+        assert_eq!(watch.namespaces(), 2);
+        // A new process, one gone: the new one is read, then one check per namespace.
+        proc.put(300, 333);
+        proc.remove(109);
+        watch.refresh_if_due();
+        assert_eq!(watch.netns_reads, 11 + 1 + 2);
+        assert_eq!(
+            ways_in(&watch),
+            [
+                (111, "100".into()),
+                (222, "200".into()),
+                (333, "300".into())
+            ]
+        );
+        assert_eq!(watch.namespaces(), 3);
+        assert!(!watch.pid_netns.contains_key(&109));
+    }
+
+    #[test]
+    fn a_way_in_that_moved_triggers_a_full_walk() {
+        let proc = FakeProc::new();
+        proc.put(100, 111);
+        proc.put(101, 111);
+        proc.put(200, 222);
+        let mut watch = proc.watch();
+        watch.refresh_if_due();
+        let reads = watch.netns_reads;
+        // Pid 100 now names a process of another namespace: it must not read as 111's.
+        proc.put(100, 444);
+        watch.refresh_if_due();
+        assert_eq!(
+            ways_in(&watch),
+            [
+                (111, "101".into()),
+                (222, "200".into()),
+                (444, "100".into())
+            ]
+        );
+        // One or two checks (they stop at the first moved) found it, then every process was
+        // read again.
+        assert!(
+            (reads + 1 + 3..=reads + 2 + 3).contains(&watch.netns_reads),
+            "{} reads after {reads}",
+            watch.netns_reads
+        );
+        assert_eq!(watch.walks_since_full, 0);
+    }
+
+    #[test]
+    fn a_process_that_moved_is_found_by_the_next_full_walk() {
+        let proc = FakeProc::new();
+        proc.put(100, 111);
+        proc.put(101, 111);
+        let mut watch = proc.watch();
+        watch.refresh_if_due();
+        // Not the way into 111, so only a full walk notices it in a namespace of its own.
+        proc.put(101, 555);
+        let mut walks = 1;
+        while !watch.handles.contains_key(&555) {
+            assert!(walks <= FULL_WALK_EVERY, "not found after {walks} walks");
+            watch.refresh_if_due();
+            walks += 1;
+        }
+        assert_eq!(walks, FULL_WALK_EVERY);
+        assert_eq!(ways_in(&watch), [(111, "100".into()), (555, "101".into())]);
+        // A drop in a namespace not known yet starts a full walk at once.
+        proc.put(101, 666);
+        assert!(matches!(watch.classify(666), NetfilterVerdict::Unknown(_)));
+        assert!(watch.handles.contains_key(&666));
     }
 
     #[test]
