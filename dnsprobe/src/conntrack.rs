@@ -314,15 +314,10 @@ impl ConntrackWatch {
         self.handles = found;
     }
 
-    /// The network namespace of process `pid`, from its `ns/net` link (`net:[4026531840]`).
+    /// The network namespace of process `pid`.
     fn netns_of(&mut self, pid: u32) -> Option<u32> {
         self.netns_reads += 1;
-        let link = fs::read_link(self.proc_root.join(pid.to_string()).join("ns/net")).ok()?;
-        link.to_str()?
-            .strip_prefix("net:[")?
-            .strip_suffix(']')?
-            .parse::<u32>()
-            .ok()
+        netns_inum(&self.proc_root.join(pid.to_string()).join("ns/net"))
     }
 
     fn read(&self, inum: u32) -> Result<ConntrackCounters, ConntrackError> {
@@ -336,6 +331,17 @@ impl ConntrackWatch {
             None => Err(ConntrackError::UnknownNetns(inum)),
         }
     }
+}
+
+/// The namespace a `ns/net` link names (`net:[4026531840]`).
+fn netns_inum(link: &Path) -> Option<u32> {
+    fs::read_link(link)
+        .ok()?
+        .to_str()?
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse::<u32>()
+        .ok()
 }
 
 /// Reads the conntrack statistics as seen from inside a namespace. `setns` changes only the
@@ -534,16 +540,7 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
 
     #[test]
     fn reads_own_namespace() {
-        let inum = fs::read_link("/proc/self/ns/net")
-            .ok()
-            .and_then(|l| {
-                l.to_string_lossy()
-                    .trim_start_matches("net:[")
-                    .trim_end_matches(']')
-                    .parse::<u32>()
-                    .ok()
-            })
-            .expect("own netns");
+        let inum = netns_inum(Path::new("/proc/self/ns/net")).expect("own netns");
         if !Path::new("/proc/net/stat/nf_conntrack").exists() {
             // Without the conntrack module there is nothing to read; the error must say so.
             assert!(read_in_netns(inum, Path::new("/proc/self/ns/net")).is_err());
