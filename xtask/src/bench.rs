@@ -3,9 +3,10 @@
 //! It builds its own world (two network namespaces joined by a veth pair, unbound in the
 //! server namespace, dnsperf in the client namespace), measures each figure against a baseline
 //! taken in the same run, prints a table and writes it with the machine and commit to
-//! `target/bench/`. Everything it creates (namespaces, processes, the temp dir, sysctls, the
-//! part 2 floor programs) is owned by a guard whose `Drop` removes it, also on error, panic and
-//! Ctrl-C.
+//! `target/bench/`. Everything it creates (namespaces, processes, the temp dir, BPF run-time
+//! statistics, the part 2 floor programs) is owned by a guard whose `Drop` removes it, also on
+//! error, panic and Ctrl-C; what a bench killed outright (SIGKILL) leaves, the next one removes
+//! first (`sweep_leftovers`).
 
 use std::{
     fmt::Write as _,
@@ -256,10 +257,13 @@ impl Proc {
         }
     }
 
+    /// To the child's whole process group (it leads one of its own, see `spawn`): what it
+    /// started goes too.
     fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
+        // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child, so
+        // its group id cannot have been reused.
         unsafe {
-            libc::kill(self.pid(), sig);
+            libc::kill(-self.pid(), sig);
         }
     }
 
@@ -311,30 +315,133 @@ impl Drop for TempDir {
     }
 }
 
-/// A sysctl restored to its old value on drop.
-struct Sysctl {
-    path: PathBuf,
-    old: String,
+/// The kernel's run-time statistics of BPF programs (`run_time_ns`, `run_cnt`), on while the
+/// fd `bpf(BPF_ENABLE_STATS)` returned is open. It is the switch behind
+/// `kernel.bpf_stats_enabled`, but held by a file descriptor, so the kernel turns it off again
+/// when the bench ends in any way, killed outright included; a sysctl written by hand stays
+/// written when no `Drop` runs.
+struct BpfRunStats {
+    _enabled: std::os::fd::OwnedFd,
 }
 
-impl Sysctl {
-    fn set(path: &str, value: &str) -> Result<Sysctl> {
-        let path = PathBuf::from(path);
-        let old = fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .trim()
-            .to_owned();
-        fs::write(&path, value).with_context(|| format!("writing {}", path.display()))?;
-        Ok(Sysctl { path, old })
+impl BpfRunStats {
+    fn enable() -> Result<BpfRunStats> {
+        use std::os::fd::FromRawFd as _;
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        const BPF_STATS_RUN_TIME: u32 = 0;
+        // `union bpf_attr` for this command is `enable_stats.type` alone; the kernel reads
+        // only the size given.
+        let attr: u32 = BPF_STATS_RUN_TIME;
+        // SAFETY: the kernel reads 4 bytes from a live u32 and returns an fd or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                std::ptr::from_ref(&attr),
+                std::mem::size_of::<u32>() as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error())
+                .context("turning on BPF run-time statistics (bpf BPF_ENABLE_STATS)");
+        }
+        let fd = i32::try_from(fd).context("bpf BPF_ENABLE_STATS returned an odd fd")?;
+        // SAFETY: a new fd the kernel just returned, owned by nothing else.
+        Ok(BpfRunStats {
+            _enabled: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
     }
 }
 
-impl Drop for Sysctl {
-    fn drop(&mut self) {
-        if let Err(e) = fs::write(&self.path, &self.old) {
-            eprintln!("xtask: bench: cannot restore {}: {e}", self.path.display());
+/// The pid in the name of something a bench made (`{prefix}{pid}-...` or `{prefix}{pid}`).
+fn owner_pid(name: &str, prefix: &str) -> Option<u32> {
+    let rest = name.strip_prefix(prefix)?;
+    let digits = rest.split('-').next()?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// What benches killed outright left behind (SIGKILL runs no `Drop`): their network
+/// namespaces, observer cgroups and temp dirs all carry the bench's pid. Each whose bench is
+/// gone is removed, with the processes still in it killed first (an observer left running
+/// keeps its programs attached). Run before a bench builds anything; says what it removed.
+fn sweep_leftovers(netns_dir: &Path, cgroup_root: &Path, temp_dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let entries = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let dead = |name: &str, prefix: &str| owner_pid(name, prefix).is_some_and(|p| !pid_alive(p));
+    for name in entries(netns_dir) {
+        if !dead(&name, "dpbench-") {
+            continue;
+        }
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        let deleted = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if deleted {
+            removed.push(format!("network namespace {name}"));
         }
     }
+    for name in entries(cgroup_root) {
+        if !dead(&name, "dp-bench-") {
+            continue;
+        }
+        let dir = cgroup_root.join(&name);
+        // cgroup.kill (Linux 5.14) kills every process in it; its pids one by one otherwise.
+        if fs::write(dir.join("cgroup.kill"), "1").is_err() {
+            for pid in fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .split_whitespace()
+            {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        // A killed process leaves its cgroup a moment after the signal.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match fs::remove_dir(&dir) {
+                Ok(()) => {
+                    removed.push(format!("cgroup {}", dir.display()));
+                    break;
+                }
+                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Err(e) => {
+                    eprintln!("xtask: bench: cannot remove {}: {e}", dir.display());
+                    break;
+                }
+            }
+        }
+    }
+    for name in entries(temp_dir) {
+        if dead(&name, "dnsprobe-bench-") && fs::remove_dir_all(temp_dir.join(&name)).is_ok() {
+            removed.push(format!("temp dir {}", temp_dir.join(&name).display()));
+        }
+    }
+    removed
 }
 
 /// Two network namespaces joined by a veth pair, no route out; deleted on drop.
@@ -1176,6 +1283,13 @@ pub fn bench(args: &BenchArgs, root: &Path, build: &crate::pgo::DaemonBuild) -> 
         bail!("--soak-secs: at least 10 (to skip the soak, leave 4 out of --parts)");
     }
     let _ = DAEMON_ARGS.set(args.daemon_args.clone());
+    for what in sweep_leftovers(
+        Path::new("/run/netns"),
+        &cgroup2_root()?,
+        &std::env::temp_dir(),
+    ) {
+        eprintln!("xtask: bench: removed {what}, left by a bench that was killed");
+    }
     let dir = TempDir(std::env::temp_dir().join(format!("dnsprobe-bench-{}", std::process::id())));
     fs::create_dir_all(&dir.0)?;
     let world = World::new().context("building the namespaces")?;
@@ -1730,8 +1844,8 @@ fn prog_cost(
     secs: u64,
     order: FirstRun,
 ) -> Result<ProgCost> {
-    // Declared first, so dropped last: the sysctl is restored on every path out of here.
-    let stats = Sysctl::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
+    // Declared first, so dropped last: the statistics go off on every path out of here.
+    let stats = BpfRunStats::enable()?;
     let start = || start_dnsprobe(daemon, &["--query-timeout", "2s", "--stats-interval", "0s"]);
     let attach = || floor::Floor::attach(cgroup).context("attaching the floor programs");
     let (mut d, floor) = match order {
@@ -1898,7 +2012,7 @@ fn write_prog_cost(costs: &[ProgCost], secs: u64, out: &mut String) {
     let _ = writeln!(
         out,
         "Kernel programs: {} further {secs} s windows of 64-byte UDP, each with a daemon of its \
-         own, `kernel.bpf_stats_enabled` = 1 and the floor (two `cgroup_skb` programs that only \
+         own, BPF run-time statistics on and the floor (two `cgroup_skb` programs that only \
          return 1, on the same cgroup) attached beside it; their throughput is not reported. \
          Programs on a cgroup run in the order they were attached, and the first to read a \
          packet may pay for bringing it into the cache, so the windows alternate which is \
@@ -2102,6 +2216,130 @@ fn part4(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bench_leftover_is_known_by_the_pid_in_its_name() {
+        assert_eq!(owner_pid("dpbench-123-c", "dpbench-"), Some(123));
+        assert_eq!(owner_pid("dp-bench-77-dnsprobe-0", "dp-bench-"), Some(77));
+        assert_eq!(owner_pid("dnsprobe-bench-9", "dnsprobe-bench-"), Some(9));
+        assert_eq!(owner_pid("dp-bench-x-0", "dp-bench-"), None);
+        assert_eq!(owner_pid("dpbench--c", "dpbench-"), None);
+        assert_eq!(owner_pid("dp-idle-test", "dp-bench-"), None);
+    }
+
+    /// What a test made for the sweep, removed however the test ends.
+    struct Made {
+        netns: Vec<String>,
+        cgroups: Vec<PathBuf>,
+        children: Vec<Child>,
+        dir: PathBuf,
+    }
+
+    impl Drop for Made {
+        fn drop(&mut self) {
+            for child in &mut self.children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            for ns in &self.netns {
+                let _ = Command::new("ip")
+                    .args(["netns", "del", ns])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            for dir in &self.cgroups {
+                let _ = fs::remove_dir(dir);
+            }
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Exits within `within`, and by a signal (the sweep's SIGKILL, not its own end).
+    fn killed_within(child: &mut Child, within: Duration) -> bool {
+        use std::os::unix::process::ExitStatusExt as _;
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.signal() == Some(libc::SIGKILL);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    #[test]
+    fn leftovers_of_a_killed_bench_are_removed_and_a_live_benchs_kept() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: needs root (creates a network namespace and cgroups)");
+            return;
+        }
+        // A pid that was a process and is no more.
+        let mut gone = Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        assert!(!pid_alive(dead));
+        let live = std::process::id();
+        let cgroups = cgroup2_root().unwrap();
+        let mut made = Made {
+            netns: vec![format!("dpbench-{dead}-c")],
+            cgroups: vec![
+                cgroups.join(format!("dp-bench-{dead}-sweeptest-0")),
+                cgroups.join(format!("dp-bench-{live}-sweeptest-0")),
+            ],
+            children: Vec::new(),
+            dir: std::env::temp_dir().join(format!("dp-sweep-test-{live}")),
+        };
+        let temp_dead = made.dir.join(format!("dnsprobe-bench-{dead}"));
+        let temp_live = made.dir.join(format!("dnsprobe-bench-{live}"));
+        for dir in [&temp_dead, &temp_live] {
+            fs::create_dir_all(dir).unwrap();
+            fs::write(dir.join("unbound.conf"), "server:\n").unwrap();
+        }
+        ip(&["netns", "add", &made.netns[0]]).unwrap();
+        let in_netns = Command::new("ip")
+            .args(["netns", "exec", &made.netns[0], "sleep", "300"])
+            .spawn()
+            .unwrap();
+        made.children.push(in_netns);
+        for dir in &made.cgroups {
+            fs::create_dir(dir).unwrap();
+            let child = Command::new("sleep").arg("300").spawn().unwrap();
+            fs::write(dir.join("cgroup.procs"), child.id().to_string()).unwrap();
+            made.children.push(child);
+        }
+        // `ip netns exec` has joined the namespace once the netns lists its pid.
+        let end = Instant::now() + Duration::from_secs(10);
+        while !sh(Command::new("ip").args(["netns", "pids", &made.netns[0]]))
+            .unwrap()
+            .contains(&made.children[0].id().to_string())
+        {
+            assert!(Instant::now() < end, "sleep never entered the namespace");
+            thread::sleep(Duration::from_millis(20));
+        }
+
+        let removed = sweep_leftovers(Path::new("/run/netns"), &cgroups, &made.dir);
+
+        assert!(
+            !Path::new("/run/netns").join(&made.netns[0]).exists(),
+            "{removed:?}"
+        );
+        assert!(!made.cgroups[0].exists(), "{removed:?}");
+        assert!(!temp_dead.exists(), "{removed:?}");
+        assert!(killed_within(&mut made.children[0], Duration::from_secs(5)));
+        assert!(killed_within(&mut made.children[1], Duration::from_secs(5)));
+        // This test's own pid is alive: its cgroup, process and temp dir stay.
+        assert!(made.cgroups[1].exists());
+        assert!(temp_live.exists());
+        assert_eq!(made.children[2].try_wait().unwrap(), None);
+        for what in [
+            format!("network namespace {}", made.netns[0]),
+            format!("cgroup {}", made.cgroups[0].display()),
+            format!("temp dir {}", temp_dead.display()),
+        ] {
+            assert!(removed.contains(&what), "{what} not in {removed:?}");
+        }
+    }
 
     #[test]
     fn stat_and_cgroup_agree_within_two_ticks() {
