@@ -367,6 +367,17 @@ fn pid_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
+/// SIGKILLs every pid of a whitespace-separated list (`ip netns pids`, `cgroup.procs`).
+fn kill_listed(pids: &str) {
+    for pid in pids
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
 /// What benches killed outright left behind (SIGKILL runs no `Drop`): their network
 /// namespaces, observer cgroups and temp dirs all carry the bench's pid. Each whose bench is
 /// gone is removed, with the processes still in it killed first (an observer left running
@@ -387,12 +398,7 @@ fn sweep_leftovers(netns_dir: &Path, cgroup_root: &Path, temp_dir: &Path) -> Vec
             continue;
         }
         if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    // SAFETY: kill has no memory-safety preconditions.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
+            kill_listed(&String::from_utf8_lossy(&out.stdout));
         }
         let deleted = Command::new("ip")
             .args(["netns", "del", &name])
@@ -410,30 +416,11 @@ fn sweep_leftovers(netns_dir: &Path, cgroup_root: &Path, temp_dir: &Path) -> Vec
         let dir = cgroup_root.join(&name);
         // cgroup.kill (Linux 5.14) kills every process in it; its pids one by one otherwise.
         if fs::write(dir.join("cgroup.kill"), "1").is_err() {
-            for pid in fs::read_to_string(dir.join("cgroup.procs"))
-                .unwrap_or_default()
-                .split_whitespace()
-            {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    // SAFETY: kill has no memory-safety preconditions.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
+            kill_listed(&fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default());
         }
-        // A killed process leaves its cgroup a moment after the signal.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match fs::remove_dir(&dir) {
-                Ok(()) => {
-                    removed.push(format!("cgroup {}", dir.display()));
-                    break;
-                }
-                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                Err(e) => {
-                    eprintln!("xtask: bench: cannot remove {}: {e}", dir.display());
-                    break;
-                }
-            }
+        match remove_cgroup(&dir) {
+            Ok(()) => removed.push(format!("cgroup {}", dir.display())),
+            Err(e) => eprintln!("xtask: bench: cannot remove {}: {e}", dir.display()),
         }
     }
     for name in entries(temp_dir) {
@@ -640,17 +627,22 @@ impl Drop for CpuCgroup {
     /// Runs after the observer was stopped and reaped (it is dropped after the `Proc`); the
     /// cgroup may read populated a moment longer, so removal is retried for a while.
     fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match fs::remove_dir(&self.dir) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-                Err(e) if Instant::now() >= deadline => {
-                    eprintln!("xtask: bench: cannot remove {}: {e}", self.dir.display());
-                    return;
-                }
-                Err(_) => thread::sleep(Duration::from_millis(20)),
-            }
+        if let Err(e) = remove_cgroup(&self.dir) {
+            eprintln!("xtask: bench: cannot remove {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// Removes an emptied cgroup, retrying for up to 5 s: a process killed or reaped leaves it a
+/// moment later. One already gone is fine.
+fn remove_cgroup(dir: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
         }
     }
 }
