@@ -367,12 +367,13 @@ fn pid_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
-/// SIGKILLs every pid of a whitespace-separated list (`ip netns pids`, `cgroup.procs`).
+/// SIGKILLs every pid of a whitespace-separated list (`ip netns pids`, `cgroup.procs`). Only
+/// positive numbers: 0 and -1 would reach a process group or every process.
 fn kill_listed(pids: &str) {
-    for pid in pids
+    let pids = pids
         .split_whitespace()
-        .filter_map(|p| p.parse::<i32>().ok())
-    {
+        .filter_map(|p| p.parse::<i32>().ok());
+    for pid in pids.filter(|&p| p > 0) {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
