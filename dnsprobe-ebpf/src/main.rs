@@ -27,9 +27,11 @@ use dnsprobe_common::{
 };
 
 /// The daemon is woken once this fraction of the event ring waits to be read; below that it
-/// reads at its own 100 ms tick. A wake-up for every few records cost the daemon more than
-/// the records at low rates, and waking it at an eighth leaves it the other seven to catch up
-/// in. While that much waits, every event wakes it again, so no wake-up can be missed.
+/// reads at its own tick (`--flush-interval`, 1 s by default). A wake-up for every few records
+/// cost the daemon more than the records at low rates, and waking it at an eighth leaves it
+/// the other seven to catch up in. At a thousand queries a second the tick reads them all (one
+/// wake-up a second). While that much waits, every event wakes it again, so no wake-up can be
+/// missed.
 const WAKEUP_FRACTION: u64 = 8;
 
 /// Overwritten by userspace at load time (`--ports`); read-only to the programs.

@@ -1214,6 +1214,13 @@ fn is_expansion(lookup_name: &str, q: &LookupQuery) -> bool {
     q.qname.len() != lookup_name.len()
 }
 
+/// Whether two query names are the same name, without case. The final name is one of the
+/// lookup's own query names, so in most lookups (one query, or A and AAAA of one name) the
+/// comparison is of a name with its very self, which the addresses tell at once.
+fn same_name(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a.eq_ignore_ascii_case(b)
+}
+
 fn build_record(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
     let end_ns = lookup_end_ns(lookup, cfg.query_timeout_ns);
     let queries = &lookup.queries;
@@ -1233,7 +1240,7 @@ fn build_record(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
     if let Some(final_name) = final_name {
         for q in queries
             .iter()
-            .filter(|q| q.qname.eq_ignore_ascii_case(final_name) && q.rcode == Some(RCODE_NOERROR))
+            .filter(|q| same_name(&q.qname, final_name) && q.rcode == Some(RCODE_NOERROR))
         {
             for a in &q.answers {
                 if !answers.contains(a) {
@@ -1269,7 +1276,7 @@ fn build_record(lookup: &OpenLookup, cfg: &DiagnosisConfig) -> LookupRecord {
                 name, qtype, rcode, ..
             } in lookup.questions()
             {
-                if !name.eq_ignore_ascii_case(final_name) {
+                if !same_name(name, final_name) {
                     continue;
                 }
                 let rcode = &rcode;

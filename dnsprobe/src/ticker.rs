@@ -91,7 +91,14 @@ impl Ticker {
                 }
             });
             match read {
-                Ok(Ok(())) => return Ok(u64::from_ne_bytes(expired)),
+                Ok(Ok(())) => {
+                    // The read emptied the timer: without this the next call would find it
+                    // still marked ready and spend a read on learning otherwise, at every
+                    // tick. A newer expiry is not lost: tokio keeps a readiness that arrived
+                    // after this guard was made.
+                    guard.clear_ready();
+                    return Ok(u64::from_ne_bytes(expired));
+                }
                 Ok(Err(err)) => return Err(TickerError::Read(err)),
                 // Not expired after all (the readiness was stale): wait again.
                 Err(_would_block) => continue,
