@@ -858,7 +858,8 @@ impl<W: Write> RecordWriter<W> {
         let out = &mut self.pending;
         out.extend_from_slice(b"{\"event\":");
         // The event's name is one of the lookup module's own words, and the code a
-        // mnemonic or `RCODEnnn`: neither needs escaping.
+        // mnemonic or `RCODEnnn`: neither needs escaping (checked in every test).
+        debug_assert!(!needs_escape(l.event.as_bytes()), "{}", l.event);
         push_quoted(out, l.event.as_bytes());
         out.extend_from_slice(lead!("time"));
         push_json_time(
@@ -876,7 +877,10 @@ impl<W: Write> RecordWriter<W> {
         push_num(out, l.search_expansions);
         out.extend_from_slice(lead!("final_rcode"));
         match l.final_rcode.as_deref() {
-            Some(rcode) => push_quoted(out, rcode.as_bytes()),
+            Some(rcode) => {
+                debug_assert!(!needs_escape(rcode.as_bytes()), "{rcode}");
+                push_quoted(out, rcode.as_bytes());
+            }
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(lead!("answers"));
