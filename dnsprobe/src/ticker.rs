@@ -117,12 +117,22 @@ mod tests {
         let period = Duration::from_millis(20);
         let start = Instant::now();
         let mut ticker = Ticker::new(period).unwrap();
-        assert!(ticker.tick().await.unwrap() >= 1);
+        // A tick lost (a readiness cleared too eagerly) fails here instead of hanging.
+        let deadline = Duration::from_secs(5);
+        let first = tokio::time::timeout(deadline, ticker.tick()).await;
+        assert!(first.expect("the first tick came").unwrap() >= 1);
         assert!(start.elapsed() >= period, "{:?}", start.elapsed());
-        // Busy for several periods: the next tick says how many ended.
+        // Busy for several periods (the daemon at work, not a wait): the next tick says how
+        // many ended.
         std::thread::sleep(period * 3 + period / 2);
-        let missed = ticker.tick().await.unwrap();
+        let missed = tokio::time::timeout(deadline, ticker.tick()).await;
+        let missed = missed.expect("the second tick came").unwrap();
         assert!(missed >= 3, "{missed} periods ended");
+        // And ticking goes on after that.
+        for n in 0..3 {
+            let next = tokio::time::timeout(deadline, ticker.tick()).await;
+            assert!(next.unwrap_or_else(|_| panic!("tick {n} after")).unwrap() >= 1);
+        }
     }
 
     #[test]
