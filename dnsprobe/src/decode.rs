@@ -305,15 +305,18 @@ pub fn decode_tcp_segment(segment: &[u8]) -> Result<DnsMessage, DecodeError> {
 /// EDNS-extended response code: it costs several times more than the question alone, and
 /// queries are half the traffic.
 pub fn decode_message(bytes: &[u8], cut_short: bool) -> Result<DnsMessage, DecodeError> {
-    let mut message = parse_header_and_question(bytes)?;
+    let (mut message, question_end) = header_and_question(bytes)?;
+    // Where the records start, when the question just read is the only one: the rest of the
+    // message is then walked without reading the question's name again.
+    let records_at = (bytes[5] == 1 && bytes[4] == 0).then_some(question_end + 4);
     if !message.is_response {
         if !cut_short {
-            check_framing(bytes)?;
+            check_framing(bytes, records_at)?;
         }
         message.partial = cut_short;
         return Ok(message);
     }
-    if let Some((rcode, answers)) = read_common_answers(bytes) {
+    if let Some((rcode, answers)) = read_common_answers(bytes, records_at) {
         message.rcode = rcode;
         message.answers = answers;
         return Ok(message);
@@ -346,6 +349,11 @@ pub fn decode_message(bytes: &[u8], cut_short: bool) -> Result<DnsMessage, Decod
 
 /// Reads just the header and first question, following compression pointers with a bound.
 pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError> {
+    header_and_question(bytes).map(|(message, _)| message)
+}
+
+/// [`parse_header_and_question`], and the offset where the question's name ends.
+fn header_and_question(bytes: &[u8]) -> Result<(DnsMessage, usize), DecodeError> {
     if bytes.len() < 12 {
         return Err(DecodeError::ShortHeader);
     }
@@ -359,7 +367,7 @@ pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError
     let qtype_bytes = bytes.get(end..end + 4).ok_or(DecodeError::BadQuestion(
         "question ends before its type and class",
     ))?;
-    Ok(DnsMessage {
+    let message = DnsMessage {
         id,
         is_response: flags & 0x8000 != 0,
         rcode: flags & 0x000f,
@@ -370,7 +378,8 @@ pub fn parse_header_and_question(bytes: &[u8]) -> Result<DnsMessage, DecodeError
         },
         answers: Answers::new(),
         partial: false,
-    })
+    };
+    Ok((message, end))
 }
 
 /// One resource record of a message, found by its framing alone.
@@ -401,14 +410,26 @@ impl<'a> Records<'a> {
     /// Skips the question section of a message of at least 12 bytes (checked by
     /// `parse_header_and_question` before).
     fn new(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        Self::starting(bytes, None)
+    }
+
+    /// [`Self::new`], told where the question section ends when the caller knows it already
+    /// (`records_at`, within `bytes`).
+    fn starting(bytes: &'a [u8], records_at: Option<usize>) -> Result<Self, DecodeError> {
         let count = |at: usize| usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]]));
-        let mut pos = 12;
-        for _ in 0..count(4) {
-            pos = skip_name(bytes, pos)? + 4;
-            if pos > bytes.len() {
-                return Err(malformed("question runs past the message"));
+        let pos = match records_at {
+            Some(pos) if pos <= bytes.len() => pos,
+            _ => {
+                let mut pos = 12;
+                for _ in 0..count(4) {
+                    pos = skip_name(bytes, pos)? + 4;
+                    if pos > bytes.len() {
+                        return Err(malformed("question runs past the message"));
+                    }
+                }
+                pos
             }
-        }
+        };
         Ok(Self {
             bytes,
             pos,
@@ -472,9 +493,9 @@ fn address(rtype: u16, rdata: &[u8]) -> Option<Answer> {
 /// The response code (with the EDNS extended bits) and answers of a well-framed response whose
 /// answers are all A, AAAA or CNAME records: nearly every response a client gets. `None` for
 /// anything else, which hickory-proto then reads (or rejects).
-fn read_common_answers(bytes: &[u8]) -> Option<(u16, Answers)> {
+fn read_common_answers(bytes: &[u8], records_at: Option<usize>) -> Option<(u16, Answers)> {
     let mut rcode = u16::from(bytes[3] & 0x0f);
-    let records = Records::new(bytes).ok()?;
+    let records = Records::starting(bytes, records_at).ok()?;
     // The header's count is the sender's word: no more records fit than 11-byte ones (a
     // pointer or root name and the fixed fields).
     let mut answers = Answers::with_capacity(records.answers.min(bytes.len() / 11));
@@ -502,8 +523,8 @@ fn read_common_answers(bytes: &[u8]) -> Option<(u16, Answers)> {
 /// Checks that every section holds as many well-formed records as the header counts, without
 /// building any of them: what parsing the message fully would reject, at a fraction of the
 /// cost.
-fn check_framing(bytes: &[u8]) -> Result<(), DecodeError> {
-    Records::new(bytes)?.try_for_each(|record| record.map(|_| ()))
+fn check_framing(bytes: &[u8], records_at: Option<usize>) -> Result<(), DecodeError> {
+    Records::starting(bytes, records_at)?.try_for_each(|record| record.map(|_| ()))
 }
 
 /// The offset just past the name at `start` (pointers are not followed: only their two bytes
@@ -841,7 +862,7 @@ mod tests {
             m.metadata.response_code = code;
             m.set_edns(Edns::new());
             let bytes = m.to_vec().unwrap();
-            let (rcode, answers) = read_common_answers(&bytes).expect("common answers");
+            let (rcode, answers) = read_common_answers(&bytes, None).expect("common answers");
             let reference = HMessage::from_vec(&bytes).unwrap();
             assert_eq!(rcode, u16::from(reference.metadata.response_code));
             let expected: Vec<String> = reference
@@ -863,7 +884,7 @@ mod tests {
             RData::TXT(rdata::TXT::new(vec!["x".into()])),
         ));
         let bytes = m.to_vec().unwrap();
-        assert!(read_common_answers(&bytes).is_none());
+        assert!(read_common_answers(&bytes, None).is_none());
         assert_eq!(decode_message(&bytes, false).unwrap().answers.len(), 4);
     }
 
