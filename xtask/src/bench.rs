@@ -1921,6 +1921,32 @@ fn median_interval(values: &[f64]) -> Option<(f64, f64, f64)> {
     Some((v[k - 1], v[n - k], coverage))
 }
 
+/// Which cell of a part 2 set: nothing attached, only the floor, or dnsprobe.
+#[derive(Debug, Clone, Copy)]
+enum Arm {
+    Without,
+    Floor,
+    With,
+}
+
+impl Arm {
+    fn label(self) -> &'static str {
+        match self {
+            Arm::Without => "without dnsprobe",
+            Arm::Floor => "with only the floor",
+            Arm::With => "with dnsprobe",
+        }
+    }
+}
+
+/// `with[i] / base[i]` for each set (0 where the base measured nothing).
+fn ratios_of(base: &[f64], with: &[f64]) -> Vec<f64> {
+    base.iter()
+        .zip(with)
+        .map(|(&b, &w)| if b > 0.0 { w / b } else { 0.0 })
+        .collect()
+}
+
 fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> Result<()> {
     let cgroup = cgroup2_root()?;
     let mut srv_cmd = w.exec(&w.srv, "iperf3");
@@ -1940,53 +1966,63 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
         } else {
             "tcp bulk (Gbit/s)"
         };
-        // (without, with) per pair.
+        // (without, with) per pair, and the floor's cell of the same pair.
         let mut pairs = Vec::new();
+        let mut floors = Vec::new();
         // The daemon's share of one CPU in each cell with it.
         let mut daemon_cpu = Vec::new();
         for pair in 0..pair_count {
-            let mut cell = |with_daemon: bool| -> Result<f64> {
+            let mut cell = |arm: Arm| -> Result<f64> {
                 let n = pair + 1;
-                if !with_daemon {
-                    eprintln!(
-                        "xtask: bench: part 2: {label} without dnsprobe, pair {n} of \
-                         {pair_count} ({cell_secs} s)"
-                    );
-                    return iperf(w, cell_secs, udp64);
-                }
                 eprintln!(
-                    "xtask: bench: part 2: {label} with dnsprobe, pair {n} of {pair_count} \
-                     ({cell_secs} s)"
+                    "xtask: bench: part 2: {label} {}, pair {n} of {pair_count} ({cell_secs} s)",
+                    arm.label()
                 );
-                let mut d =
-                    start_dnsprobe(daemon, &["--query-timeout", "2s", "--stats-interval", "0s"])?;
-                let t0 = cpu_use(&d)?;
-                let started = Instant::now();
-                let with = iperf(w, cell_secs, udp64)?;
-                let t1 = cpu_use(&d)?;
-                daemon_cpu.push(
-                    t1.usage_ns.saturating_sub(t0.usage_ns) as f64
-                        / started.elapsed().as_nanos().max(1) as f64,
-                );
-                d.proc.stop()?;
-                Ok(with)
+                match arm {
+                    Arm::Without => iperf(w, cell_secs, udp64),
+                    Arm::Floor => {
+                        let _floor = floor::Floor::attach(&cgroup)
+                            .context("attaching the floor programs")?;
+                        iperf(w, cell_secs, udp64)
+                    }
+                    Arm::With => {
+                        let mut d = start_dnsprobe(
+                            daemon,
+                            &["--query-timeout", "2s", "--stats-interval", "0s"],
+                        )?;
+                        let t0 = cpu_use(&d)?;
+                        let started = Instant::now();
+                        let with = iperf(w, cell_secs, udp64)?;
+                        let t1 = cpu_use(&d)?;
+                        daemon_cpu.push(
+                            t1.usage_ns.saturating_sub(t0.usage_ns) as f64
+                                / started.elapsed().as_nanos().max(1) as f64,
+                        );
+                        d.proc.stop()?;
+                        Ok(with)
+                    }
+                }
             };
-            // Alternating which cell comes first cancels a slow drift of the machine.
-            let (base, with) = if pair % 2 == 0 {
-                let base = cell(false)?;
-                (base, cell(true)?)
+            // Alternating the order cancels a slow drift of the machine; the cell without
+            // stays next to both cells it is compared with.
+            let (floor, base, with) = if pair % 2 == 0 {
+                let floor = cell(Arm::Floor)?;
+                let base = cell(Arm::Without)?;
+                (floor, base, cell(Arm::With)?)
             } else {
-                let with = cell(true)?;
-                (cell(false)?, with)
+                let with = cell(Arm::With)?;
+                let base = cell(Arm::Without)?;
+                (cell(Arm::Floor)?, base, with)
             };
             pairs.push((base, with));
+            floors.push(floor);
         }
         let target = if udp64 {
             TARGET_UDP64_RATIO
         } else {
             TARGET_TCP_RATIO
         };
-        rows.push((label, pairs, target, median(&daemon_cpu)));
+        rows.push((label, pairs, floors, target, median(&daemon_cpu)));
     }
     let mut costs = Vec::new();
     for window in 0..PROG_COST_WINDOWS {
@@ -2006,15 +2042,21 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
     let _ = writeln!(out, "## 2. Cost to traffic that is not DNS\n");
     let _ = writeln!(
         out,
-        "iperf3 client namespace -> server namespace, {pair_count} pairs of {cell_secs} s cells \
-         (without, with dnsprobe, started afresh for each; the order alternating), short so \
-         that the two cells of a pair see the same host. `without` and `with` are the medians \
-         of the cells, `ratio` the median of the pairs' ratios, which the verdict judges, and \
-         `interval` its distribution-free confidence interval (order statistics; `cover` is \
-         the chance it holds the true median): when the interval holds the target, another \
-         run may well judge the other way. `daemon` is the daemon's own time on a CPU during \
-         the cells with it (its cgroup's `cpu.stat`; the median, in % of one CPU). Every \
-         pair's ratio follows the table.\n"
+        "iperf3 client namespace -> server namespace, {pair_count} sets of {cell_secs} s cells: \
+         without anything attached, with dnsprobe (started afresh for each), and with only the \
+         floor (two `cgroup_skb` programs that only return 1, on the same cgroup), in the order \
+         floor, without, with, then the reverse, alternating; short, so that the cells of a set \
+         see the same host. `without` and `with` are the medians of the cells, `ratio` the \
+         median of the sets' ratios, which the verdict judges, and `interval` its \
+         distribution-free confidence interval (order statistics; `cover` is the chance it \
+         holds the true median): when the interval holds the target, another run may well \
+         judge the other way. `daemon` is the daemon's own time on a CPU during the cells with \
+         it (its cgroup's `cpu.stat`; the median, in % of one CPU). Under each kind of traffic, \
+         two rows that judge nothing: `floor only` compares the floor's cells with those \
+         without (what any `cgroup_skb` program on the root cgroup costs this traffic, its \
+         `with` column being the floor's), and `dnsprobe/floor` dnsprobe's cells with the \
+         floor's (what dnsprobe costs beyond that; its `without` column being the floor's). \
+         Every set's ratios follow the table.\n"
     );
     let _ = writeln!(out, "```");
     let _ = writeln!(
@@ -2023,38 +2065,55 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
         "traffic", "without", "with", "ratio", "interval", "cover", "daemon"
     );
     let mut listed = String::new();
-    for (label, pairs, target, daemon_cpu) in rows {
-        let ratios: Vec<f64> = pairs
-            .iter()
-            .map(|&(base, with)| if base > 0.0 { with / base } else { 0.0 })
-            .collect();
-        let ratio = median(&ratios);
-        let base = median(&pairs.iter().map(|p| p.0).collect::<Vec<_>>());
-        let with = median(&pairs.iter().map(|p| p.1).collect::<Vec<_>>());
-        let (lo, hi, cover) = median_interval(&ratios).unwrap_or((0.0, 0.0, 0.0));
-        let straddles = if lo < target && target <= hi {
-            " (the interval holds the target)"
-        } else {
-            ""
-        };
-        let _ = writeln!(
-            out,
-            "{label:<18} {base:>12.2} {with:>12.2} {ratio:>7.3}  {:<13} {:>4.0}%  {:>6.2}%  \
-             >= {target}: {}{straddles}",
-            format!("{lo:.3}-{hi:.3}"),
-            cover * 100.0,
-            daemon_cpu * 100.0,
-            verdict(ratio >= target)
-        );
-        let _ = writeln!(
-            listed,
-            "{label}, pairs in order: {}",
-            ratios
-                .iter()
-                .map(|r| format!("{r:.3}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
+    for (label, pairs, floors, target, daemon_cpu) in rows {
+        let bases: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+        let withs: Vec<f64> = pairs.iter().map(|p| p.1).collect();
+        let compared = [
+            (label.to_owned(), &bases, &withs),
+            ("  floor only".to_owned(), &bases, &floors),
+            ("  dnsprobe/floor".to_owned(), &floors, &withs),
+        ];
+        for (i, (row_label, base, with)) in compared.into_iter().enumerate() {
+            let ratios = ratios_of(base, with);
+            let ratio = median(&ratios);
+            let (lo, hi, cover) = median_interval(&ratios).unwrap_or((0.0, 0.0, 0.0));
+            let (daemon, judged) = if i == 0 {
+                let straddles = if lo < target && target <= hi {
+                    " (the interval holds the target)"
+                } else {
+                    ""
+                };
+                (
+                    format!("{:.2}%", daemon_cpu * 100.0),
+                    format!(">= {target}: {}{straddles}", verdict(ratio >= target)),
+                )
+            } else {
+                ("-".to_owned(), "(reference)".to_owned())
+            };
+            let _ = writeln!(
+                out,
+                "{row_label:<18} {:>12.2} {:>12.2} {ratio:>7.3}  {:<13} {:>4.0}%  {daemon:>7}  \
+                 {judged}",
+                median(base),
+                median(with),
+                format!("{lo:.3}-{hi:.3}"),
+                cover * 100.0,
+            );
+            let named = if i == 0 {
+                label.to_owned()
+            } else {
+                format!("{label} {}", row_label.trim())
+            };
+            let _ = writeln!(
+                listed,
+                "{named}, sets in order: {}",
+                ratios
+                    .iter()
+                    .map(|r| format!("{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
     }
     let _ = writeln!(out, "```\n");
     let _ = writeln!(out, "```\n{listed}```\n");
