@@ -306,9 +306,7 @@ pub fn decode_tcp_segment(segment: &[u8]) -> Result<DnsMessage, DecodeError> {
 /// queries are half the traffic.
 pub fn decode_message(bytes: &[u8], cut_short: bool) -> Result<DnsMessage, DecodeError> {
     let (mut message, question_end) = header_and_question(bytes)?;
-    // Where the records start, when the question just read is the only one: the rest of the
-    // message is then walked without reading the question's name again.
-    let records_at = (bytes[5] == 1 && bytes[4] == 0).then_some(question_end + 4);
+    let records_at = records_after(bytes, question_end);
     if !message.is_response {
         if !cut_short {
             check_framing(bytes, records_at)?;
@@ -345,6 +343,13 @@ pub fn decode_message(bytes: &[u8], cut_short: bool) -> Result<DnsMessage, Decod
             }
         }
     }
+}
+
+/// Where the records of a message (at least 12 bytes) start, when the question whose name ends
+/// at `question_end` is its only one: the rest of the message is then walked without reading
+/// the question's name again.
+fn records_after(bytes: &[u8], question_end: usize) -> Option<usize> {
+    (u16::from_be_bytes([bytes[4], bytes[5]]) == 1).then_some(question_end + 4)
 }
 
 /// Reads just the header and first question, following compression pointers with a bound.
@@ -886,6 +891,55 @@ mod tests {
         let bytes = m.to_vec().unwrap();
         assert!(read_common_answers(&bytes, None).is_none());
         assert_eq!(decode_message(&bytes, false).unwrap().answers.len(), 4);
+    }
+
+    #[test]
+    fn records_are_found_after_one_question_or_several() {
+        use hickory_proto::{
+            op::{Edns, Message as HMessage, MessageType, Query},
+            rr::{rdata, Name, Record},
+        };
+        let name = Name::from_ascii("www.example.com.").unwrap();
+        for questions in 1..=2 {
+            let mut m = HMessage::query();
+            m.metadata.id = 9;
+            m.add_query(Query::query(name.clone(), RecordType::A));
+            if questions == 2 {
+                m.add_query(Query::query(name.clone(), RecordType::AAAA));
+            }
+            m.set_edns(Edns::new());
+            // Where the records start, known from the question read, or found from the header.
+            let bytes = m.to_vec().unwrap();
+            let (_, question_end) = header_and_question(&bytes).unwrap();
+            let from_header = Records::new(&bytes).unwrap().pos;
+            match records_after(&bytes, question_end) {
+                Some(at) => assert_eq!((questions, at), (1, from_header)),
+                None => assert_eq!(questions, 2),
+            }
+            // A query: its OPT record must be framed right, wherever the walk starts.
+            let query = decode_message(&bytes, false).unwrap();
+            assert!(!query.is_response, "{questions} question(s)");
+            m.metadata.message_type = MessageType::Response;
+            m.add_answer(Record::from_rdata(
+                name.clone(),
+                60,
+                RData::A(rdata::A::new(10, 1, 2, 3)),
+            ));
+            let bytes = m.to_vec().unwrap();
+            let response = decode_message(&bytes, false).unwrap();
+            assert_eq!(
+                response.answers[..],
+                ["10.1.2.3"],
+                "{questions} question(s)"
+            );
+            // A lying answer count is caught from either start.
+            let mut lying = bytes.clone();
+            lying[7] = 2;
+            assert!(
+                decode_message(&lying, false).is_err(),
+                "{questions} question(s)"
+            );
+        }
     }
 
     #[test]
