@@ -73,13 +73,14 @@ const TARGET_RATIO: f64 = 0.97;
 const TARGET_TCP_RATIO: f64 = 0.99;
 const TARGET_UDP64_RATIO: f64 = 0.95;
 const TARGET_PROG_FLOOR_FACTOR: f64 = 1.3;
-/// Part 2 measures each kind of traffic in this many pairs of short cells, without and with
-/// the daemon, the order alternating from pair to pair, and judges the median of the pairs'
-/// ratios: on a shared VM the throughput drifts by several per cent within tens of seconds,
-/// more than the cost measured, so the two cells of a pair must follow each other closely and
-/// there must be enough pairs for the median's confidence interval to be narrow.
-const PART2_PAIRS: usize = 20;
-const PART2_PAIRS_QUICK: usize = 6;
+/// Part 2 measures each kind of traffic in this many sets of short cells (only the floor,
+/// without, with the daemon; the order reversing from set to set), and judges the median of
+/// the sets' ratios, with over without: on a shared VM the throughput drifts by several per
+/// cent within tens of seconds, more than the cost measured, so the cells of a set must follow
+/// each other closely and there must be enough sets for the median's confidence interval to
+/// be narrow.
+const PART2_SETS: usize = 20;
+const PART2_SETS_QUICK: usize = 6;
 const PART2_CELL_SECS: u64 = 2;
 /// Windows of the programs' run time against the floor, alternating which is attached first.
 const PROG_COST_WINDOWS: usize = 4;
@@ -1953,11 +1954,7 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
     srv_cmd.args(["-s", "--forceflush", "-B", &w.srv_ip]);
     let mut server = Proc::spawn("iperf3 server", &mut srv_cmd)?;
     server.wait_line("Server listening", START_TIMEOUT)?;
-    let pair_count = if quick {
-        PART2_PAIRS_QUICK
-    } else {
-        PART2_PAIRS
-    };
+    let set_count = if quick { PART2_SETS_QUICK } else { PART2_SETS };
     let cell_secs = PART2_CELL_SECS;
     let mut rows = Vec::new();
     for udp64 in [false, true] {
@@ -1966,16 +1963,15 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
         } else {
             "tcp bulk (Gbit/s)"
         };
-        // (without, with) per pair, and the floor's cell of the same pair.
-        let mut pairs = Vec::new();
-        let mut floors = Vec::new();
+        // Each set's cell without, with dnsprobe, and with only the floor.
+        let (mut bases, mut withs, mut floors) = (Vec::new(), Vec::new(), Vec::new());
         // The daemon's share of one CPU in each cell with it.
         let mut daemon_cpu = Vec::new();
-        for pair in 0..pair_count {
+        for set in 0..set_count {
             let mut cell = |arm: Arm| -> Result<f64> {
-                let n = pair + 1;
+                let n = set + 1;
                 eprintln!(
-                    "xtask: bench: part 2: {label} {}, pair {n} of {pair_count} ({cell_secs} s)",
+                    "xtask: bench: part 2: {label} {}, set {n} of {set_count} ({cell_secs} s)",
                     arm.label()
                 );
                 match arm {
@@ -2005,7 +2001,7 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
             };
             // Alternating the order cancels a slow drift of the machine; the cell without
             // stays next to both cells it is compared with.
-            let (floor, base, with) = if pair % 2 == 0 {
+            let (floor, base, with) = if set % 2 == 0 {
                 let floor = cell(Arm::Floor)?;
                 let base = cell(Arm::Without)?;
                 (floor, base, cell(Arm::With)?)
@@ -2014,7 +2010,8 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
                 let base = cell(Arm::Without)?;
                 (cell(Arm::Floor)?, base, with)
             };
-            pairs.push((base, with));
+            bases.push(base);
+            withs.push(with);
             floors.push(floor);
         }
         let target = if udp64 {
@@ -2022,7 +2019,7 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
         } else {
             TARGET_TCP_RATIO
         };
-        rows.push((label, pairs, floors, target, median(&daemon_cpu)));
+        rows.push((label, bases, withs, floors, target, median(&daemon_cpu)));
     }
     let mut costs = Vec::new();
     for window in 0..PROG_COST_WINDOWS {
@@ -2042,7 +2039,7 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
     let _ = writeln!(out, "## 2. Cost to traffic that is not DNS\n");
     let _ = writeln!(
         out,
-        "iperf3 client namespace -> server namespace, {pair_count} sets of {cell_secs} s cells: \
+        "iperf3 client namespace -> server namespace, {set_count} sets of {cell_secs} s cells: \
          without anything attached, with dnsprobe (started afresh for each), and with only the \
          floor (two `cgroup_skb` programs that only return 1, on the same cgroup), in the order \
          floor, without, with, then the reverse, alternating; short, so that the cells of a set \
@@ -2065,9 +2062,7 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
         "traffic", "without", "with", "ratio", "interval", "cover", "daemon"
     );
     let mut listed = String::new();
-    for (label, pairs, floors, target, daemon_cpu) in rows {
-        let bases: Vec<f64> = pairs.iter().map(|p| p.0).collect();
-        let withs: Vec<f64> = pairs.iter().map(|p| p.1).collect();
+    for (label, bases, withs, floors, target, daemon_cpu) in rows {
         let compared = [
             (label.to_owned(), &bases, &withs),
             ("  floor only".to_owned(), &bases, &floors),
