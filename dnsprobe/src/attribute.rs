@@ -108,6 +108,22 @@ pub fn check_cgroup2_dir(path: &Path) -> Result<(), AttributeError> {
     Ok(())
 }
 
+/// The top of the cgroup v2 hierarchy `dir` is in, as mounted here: `dir` itself or its
+/// highest ancestor that is a cgroup on the same filesystem. Paths are reported relative to
+/// it even when the programs attach below it, so that they read the same whatever the attach
+/// point, and a pod's cgroup keeps the kubepods slices above it that name its QoS class.
+pub fn cgroup2_mount_of(dir: &Path) -> PathBuf {
+    let dev = |path: &Path| fs::metadata(path).ok().map(|m| m.dev());
+    let mut top = dir.to_path_buf();
+    while let Some(parent) = top.parent() {
+        if !parent.join("cgroup.controllers").exists() || dev(parent) != dev(&top) {
+            break;
+        }
+        top = parent.to_path_buf();
+    }
+    top
+}
+
 /// Maps cgroup ids to paths relative to the root (`/` is the root itself).
 pub struct CgroupPaths {
     root: PathBuf,
@@ -242,6 +258,20 @@ mod tests {
         assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
         assert_eq!(unescape_mountinfo("/end\\04"), "/end\\04");
+    }
+
+    #[test]
+    fn the_mount_of_a_cgroup_is_its_highest_cgroup_ancestor() {
+        let dir = std::env::temp_dir().join(format!("dnsprobe-mount-{}", std::process::id()));
+        fs::create_dir_all(dir.join("top/a/b")).unwrap();
+        for cgroup in ["top", "top/a", "top/a/b"] {
+            fs::write(dir.join(cgroup).join("cgroup.controllers"), "").unwrap();
+        }
+        let top = dir.join("top");
+        assert_eq!(cgroup2_mount_of(&top.join("a/b")), top);
+        assert_eq!(cgroup2_mount_of(&top.join("a")), top);
+        assert_eq!(cgroup2_mount_of(&top), top);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

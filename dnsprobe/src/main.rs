@@ -116,6 +116,9 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
         None => attribute::find_cgroup2_root().context("finding the cgroup v2 root")?,
     };
     attribute::check_cgroup2_dir(&cgroup_root).context("--cgroup-root")?;
+    // Where cgroup paths start: the programs may attach below it (`--cgroup-root`), the paths
+    // stay those of the whole hierarchy.
+    let paths_root = attribute::cgroup2_mount_of(&cgroup_root);
     let (out, terminal) = match (top, args.output.as_ref()) {
         // The live view owns standard output.
         (true, None) => (Box::new(io::sink()) as Box<dyn Write>, false),
@@ -190,7 +193,7 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
             u64::try_from(args.query_timeout.as_nanos()).unwrap_or(u64::MAX),
             args.max_inflight as usize,
         ),
-        paths: CgroupPaths::new(cgroup_root.clone()),
+        paths: CgroupPaths::new(paths_root.clone()),
         names: ProcessNames::new(PathBuf::from("/proc")),
         attributor: Attributor::new(pods::PodDirectory::new(
             args.pod_log_dir.clone(),
@@ -214,7 +217,7 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
         },
         ports: args.common.ports.clone(),
         lookups: LookupTracker::new(
-            ResolverConfigs::new(PathBuf::from("/proc"), cgroup_root.clone()),
+            ResolverConfigs::new(PathBuf::from("/proc"), paths_root.clone()),
             args.lookup_idle,
             args.query_timeout,
             args.max_inflight as usize,
@@ -269,10 +272,11 @@ async fn run(args: RunArgs, top: bool) -> anyhow::Result<()> {
         libc::malloc_trim(0);
     }
     info!(
-        "capture started: ports {:?}, query timeout {:?}, cgroup root {}",
+        "capture started: ports {:?}, query timeout {:?}, cgroup root {} (paths from {})",
         args.common.ports,
         args.query_timeout,
-        cgroup_root.display()
+        cgroup_root.display(),
+        paths_root.display()
     );
 
     // At every tick pending queries are checked for timeouts, idle lookups closed and the

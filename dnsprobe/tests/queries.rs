@@ -12,9 +12,9 @@ use std::{
 };
 
 use support::{
-    musl_gai, parse_rfc3339_ns, skip_unless_root, ClientRun, Daemon, Family, QueryRecord, Resolver,
-    Script, ScriptedServer, World, WorldConfig, BIG_V4, LARGE, MID, MULTI, MULTI_V4, QUERY_TIMEOUT,
-    RECORD_TIMEOUT, WWW, WWW_V4, WWW_V6,
+    musl_gai, parse_rfc3339_ns, run_client_in, skip_unless_root, ClientRun, CreatedCgroups, Daemon,
+    Family, QueryRecord, Resolver, Script, ScriptedServer, World, WorldConfig, BIG_V4, LARGE, MID,
+    MULTI, MULTI_V4, QUERY_TIMEOUT, RECORD_TIMEOUT, WWW, WWW_V4, WWW_V6,
 };
 
 /// What one answered query record must say beyond what every record of a client says.
@@ -264,6 +264,51 @@ fn a_dns_port_listed_after_others_is_captured() {
         answers: &[WWW_V4],
     };
     check_answered(&world, &records[0], &run, Family::V4, &expect);
+}
+
+/// `--cgroup-root` on a cgroup below the root (the pods' cgroup of a node, say): the programs
+/// run only for sockets in that subtree, which spares every other process's traffic their
+/// cost (docs/benchmarks.md, fourteenth round), and paths are still those from the root.
+#[test]
+fn a_cgroup_root_below_the_root_sees_only_its_own_subtree() {
+    if skip_unless_root("a_cgroup_root_below_the_root_sees_only_its_own_subtree") {
+        return;
+    }
+    let world = World::new(WorldConfig::default());
+    let mut cgroups = CreatedCgroups::default();
+    let outside = cgroups.make(&format!("dp-test-outside-{}", world.tag));
+    let root = world.cgroup.dir.to_str().expect("a cgroup path in UTF-8");
+    let daemon = Daemon::start_with(&["--cgroup-root", root]);
+    // From a sibling cgroup first, in the same netns, to the same server: were it seen, its
+    // record would be written before (or with) the one from inside, which is waited for.
+    let server = format!("@{}", world.server_ip(Family::V4));
+    let outside_run = run_client_in(
+        outside,
+        &world.client_ns,
+        &["dig", &server, WWW, "A", "+tries=1", "+time=2"],
+    );
+    outside_run.assert_success();
+    let inside_run = world.dig(Family::V4, WWW, "A", 2);
+    inside_run.assert_success();
+    let records = daemon.wait_for(
+        &world.cgroup.path,
+        "the query from inside the cgroup root",
+        |recs| recs.iter().any(|r| r.pid == Some(inside_run.pid)),
+        RECORD_TIMEOUT,
+    );
+    let queries: Vec<String> = daemon
+        .lines()
+        .into_iter()
+        .filter(|(v, _)| v.get("event").and_then(|e| e.as_str()) == Some("query"))
+        .map(|(_, line)| line)
+        .collect();
+    assert_eq!(
+        queries.len(),
+        1,
+        "only the query from inside the subtree is seen: {queries:#?}"
+    );
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].qname, WWW, "{records:?}");
 }
 
 #[test]
