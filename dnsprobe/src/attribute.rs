@@ -114,7 +114,8 @@ pub fn check_cgroup2_dir(path: &Path) -> Result<(), AttributeError> {
 /// point, and a pod's cgroup keeps the kubepods slices above it that name its QoS class.
 pub fn cgroup2_mount_of(dir: &Path) -> PathBuf {
     let dev = |path: &Path| fs::metadata(path).ok().map(|m| m.dev());
-    let mut top = dir.to_path_buf();
+    // Absolute, so that a relative `dir` has its parents too.
+    let mut top = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     while let Some(parent) = top.parent() {
         if !parent.join("cgroup.controllers").exists() || dev(parent) != dev(&top) {
             break;
@@ -267,10 +268,20 @@ mod tests {
         for cgroup in ["top", "top/a", "top/a/b"] {
             fs::write(dir.join(cgroup).join("cgroup.controllers"), "").unwrap();
         }
-        let top = dir.join("top");
+        let top = fs::canonicalize(dir.join("top")).unwrap();
         assert_eq!(cgroup2_mount_of(&top.join("a/b")), top);
         assert_eq!(cgroup2_mount_of(&top.join("a")), top);
         assert_eq!(cgroup2_mount_of(&top), top);
+        // Given relative to the working directory (tests share it: no `set_current_dir`).
+        let cwd = std::env::current_dir().unwrap();
+        let relative: PathBuf = cwd
+            .components()
+            .skip(1)
+            .map(|_| Path::new(".."))
+            .collect::<PathBuf>()
+            .join(top.strip_prefix("/").unwrap())
+            .join("a/b");
+        assert_eq!(cgroup2_mount_of(&relative), top);
         fs::remove_dir_all(&dir).unwrap();
     }
 
