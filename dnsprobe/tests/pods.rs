@@ -12,8 +12,8 @@ use std::{fs, os::unix::fs::symlink, path::Path};
 
 use serde_json::Value;
 use support::{
-    run_client_in, skip_unless_root, CreatedCgroups, Daemon, TempDir, World, WorldConfig,
-    RECORD_TIMEOUT, WWW,
+    cgroup2_root, run_client_in, skip_unless_root, Cgroup, ClientRun, CreatedCgroups, Daemon,
+    TempDir, World, WorldConfig, RECORD_TIMEOUT, WWW,
 };
 
 /// One fake pod: where its container's cgroup is, and what the records must say about it.
@@ -165,75 +165,140 @@ fn wait_for_record(daemon: &Daemon, cgroup_path: &str) -> Value {
     )
 }
 
+/// dig from inside `leaf`, in the world's client namespace, to its server; it must succeed.
+fn dig_in(world: &World, leaf: &Cgroup) -> ClientRun {
+    let server = format!("@{}", world.server_v4);
+    let run = run_client_in(
+        leaf,
+        &world.client_ns,
+        &["dig", &server, WWW, "A", "+tries=1", "+time=2"],
+    );
+    run.assert_success();
+    run
+}
+
+fn assert_names_pod(record: &Value, p: &FakePod, run: &ClientRun) {
+    let what = format!("record of {}: {record}", p.layout);
+    assert_eq!(record["pid"], run.pid, "{what}");
+    assert_eq!(record["pod"]["namespace"], p.namespace, "{what}");
+    assert_eq!(record["pod"]["name"], p.pod.as_str(), "{what}");
+    assert_eq!(record["pod"]["uid"], p.uid.as_str(), "{what}");
+    assert_eq!(record["pod"]["qos"], p.qos, "{what}");
+    assert_eq!(record["container"]["id"], p.container_id.as_str(), "{what}");
+    assert_eq!(record["container"]["name"], p.container, "{what}");
+    assert_eq!(record["container"]["runtime"], p.runtime, "{what}");
+    assert!(record.get("host_unit").is_none(), "{what}");
+}
+
+/// A world for the fake pods' clients, the pods, and their kubelet log fixture in a temporary
+/// directory named after `tag`.
+fn pods_with_logs(tag: &str) -> (World, TempDir, Vec<FakePod>) {
+    let world = World::new(WorldConfig::default());
+    let logs = TempDir::new(&format!("{}-{tag}", std::process::id()));
+    let pods = fake_pods();
+    log_fixture(logs.path(), &pods);
+    (world, logs, pods)
+}
+
+/// The daemon started with the given flags, the pods' log fixture passed to it.
+fn start_daemon(logs: &TempDir, extra: &[&str]) -> Daemon {
+    let pods_dir = logs.path().join("pods");
+    let containers_dir = logs.path().join("containers");
+    let mut args = vec![
+        "--pod-log-dir",
+        pods_dir.to_str().expect("utf-8 path"),
+        "--container-log-dir",
+        containers_dir.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start_with(&args)
+}
+
 #[test]
 fn queries_from_fake_pods_carry_namespace_pod_container_and_uid() {
     if skip_unless_root("queries_from_fake_pods_carry_namespace_pod_container_and_uid") {
         return;
     }
-    let world = World::new(WorldConfig::default());
-    let logs = TempDir::new(&format!("{}-podlogs", std::process::id()));
-    let pods = fake_pods();
-    log_fixture(logs.path(), &pods);
-    let pods_dir = logs.path().join("pods");
-    let containers_dir = logs.path().join("containers");
-    let daemon = Daemon::start_with(&[
-        "--pod-log-dir",
-        pods_dir.to_str().expect("utf-8 path"),
-        "--container-log-dir",
-        containers_dir.to_str().expect("utf-8 path"),
-    ]);
+    let (world, logs, pods) = pods_with_logs("podlogs");
+    let daemon = start_daemon(&logs, &[]);
 
     let mut cgroups = CreatedCgroups::default();
     let prefix = format!("dp-pods-{}", std::process::id());
-    let server = world.server_v4.to_string();
     for p in &pods {
         let leaf = cgroups.make(&format!("{prefix}/{}", p.layout));
-        let run = run_client_in(
-            leaf,
-            &world.client_ns,
-            &[
-                "dig",
-                &format!("@{server}"),
-                WWW,
-                "A",
-                "+tries=1",
-                "+time=2",
-            ],
-        );
-        run.assert_success();
+        let run = dig_in(&world, leaf);
         let record = wait_for_record(&daemon, &leaf.path);
-        let what = format!("record of {}: {record}", p.layout);
-        assert_eq!(record["pid"], run.pid, "{what}");
-        assert_eq!(record["pod"]["namespace"], p.namespace, "{what}");
-        assert_eq!(record["pod"]["name"], p.pod.as_str(), "{what}");
-        assert_eq!(record["pod"]["uid"], p.uid.as_str(), "{what}");
-        assert_eq!(record["pod"]["qos"], p.qos, "{what}");
-        assert_eq!(record["container"]["id"], p.container_id.as_str(), "{what}");
-        assert_eq!(record["container"]["name"], p.container, "{what}");
-        assert_eq!(record["container"]["runtime"], p.runtime, "{what}");
-        assert!(record.get("host_unit").is_none(), "{what}");
+        assert_names_pod(&record, p, &run);
     }
 
     // A host service, for contrast: no pod, its unit named. Host units sit under a top-level
     // systemd slice; the test makes its own slice rather than touch system.slice.
     let unit = format!("dp-host-{}.service", std::process::id());
     let leaf = cgroups.make(&format!("dp-host-{}.slice/{unit}", std::process::id()));
-    let run = run_client_in(
-        leaf,
-        &world.client_ns,
-        &[
-            "dig",
-            &format!("@{server}"),
-            WWW,
-            "A",
-            "+tries=1",
-            "+time=2",
-        ],
-    );
-    run.assert_success();
+    dig_in(&world, leaf);
     let record = wait_for_record(&daemon, &leaf.path);
     assert_eq!(record["host_unit"], unit.as_str(), "{record}");
     assert!(record.get("pod").is_none(), "{record}");
+    drop(cgroups);
+    daemon.stop();
+}
+
+/// On a node the daemon may attach to the pods' slice only (`--cgroup-root`), so that host
+/// traffic never runs its programs. The pods under it must still be named (the parser needs the
+/// kubepods slices above a pod, so paths stay rooted at the top of the hierarchy), and a pod
+/// of the other (cgroupfs) layout, outside that slice, must not be seen at all.
+#[test]
+fn a_daemon_attached_to_the_kubepods_slice_still_names_its_pods() {
+    if skip_unless_root("a_daemon_attached_to_the_kubepods_slice_still_names_its_pods") {
+        return;
+    }
+    let (world, logs, pods) = pods_with_logs("podlogs-slice");
+    let mut cgroups = CreatedCgroups::default();
+    let prefix = format!("dp-pods-slice-{}", std::process::id());
+    // The attach point must exist before the daemon starts: every leaf is made first.
+    let leaves: Vec<(&FakePod, String)> = pods
+        .iter()
+        .map(|p| {
+            (
+                p,
+                cgroups.make(&format!("{prefix}/{}", p.layout)).path.clone(),
+            )
+        })
+        .collect();
+    let slice = cgroup2_root().join(&prefix).join("kubepods.slice");
+    let daemon = start_daemon(
+        &logs,
+        &["--cgroup-root", slice.to_str().expect("utf-8 path")],
+    );
+    let (inside, outside): (Vec<_>, Vec<_>) = leaves
+        .iter()
+        .partition(|(p, _)| p.layout.starts_with("kubepods.slice/"));
+    assert!(
+        !inside.is_empty() && !outside.is_empty(),
+        "the layouts changed"
+    );
+
+    // Outside first: were they seen, their records would be written before (or with) the
+    // ones from inside, which are waited for.
+    for (_, path) in &outside {
+        dig_in(&world, cgroups.get(path));
+    }
+    for (p, path) in &inside {
+        let run = dig_in(&world, cgroups.get(path));
+        let record = wait_for_record(&daemon, path);
+        assert_names_pod(&record, p, &run);
+    }
+    let seen: Vec<String> = daemon
+        .lines()
+        .into_iter()
+        .filter(|(v, _)| v["event"] == "query")
+        .map(|(_, line)| line)
+        .collect();
+    assert_eq!(
+        seen.len(),
+        inside.len(),
+        "one query record for each pod under the slice, none from outside it: {seen:#?}"
+    );
     drop(cgroups);
     daemon.stop();
 }

@@ -595,6 +595,14 @@ impl CreatedCgroups {
         assert_eq!(leaf.path, path, "the leaf cgroup already existed");
         leaf
     }
+
+    /// A cgroup made before, by its path relative to the cgroup v2 root (`/a/b`).
+    pub fn get(&self, path: &str) -> &Cgroup {
+        self.0
+            .iter()
+            .find(|c| c.path == path)
+            .unwrap_or_else(|| panic!("no cgroup {path} was made"))
+    }
 }
 
 impl Drop for CreatedCgroups {
