@@ -601,13 +601,18 @@ struct CpuCgroup {
 }
 
 impl CpuCgroup {
-    /// Makes the cgroup and moves `pid` (all its threads) into it.
-    fn join(name: &str, pid: i32) -> Result<CpuCgroup> {
+    /// Makes an empty cgroup below the cgroup v2 root, removed on drop.
+    fn make(name: &str) -> Result<CpuCgroup> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = cgroup2_root()?.join(format!("dp-bench-{}-{name}-{n}", std::process::id()));
         fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
-        let cgroup = CpuCgroup { dir };
+        Ok(CpuCgroup { dir })
+    }
+
+    /// Makes the cgroup and moves `pid` (all its threads) into it.
+    fn join(name: &str, pid: i32) -> Result<CpuCgroup> {
+        let cgroup = CpuCgroup::make(name)?;
         let procs = cgroup.dir.join("cgroup.procs");
         fs::write(&procs, pid.to_string())
             .with_context(|| format!("moving {name} ({pid}) into {}", procs.display()))?;
@@ -1928,6 +1933,9 @@ enum Arm {
     Without,
     Floor,
     With,
+    /// dnsprobe attached (`--cgroup-root`) to an empty cgroup, so the traffic is outside what
+    /// it observes: what a node's other traffic pays when dnsprobe watches only the pods.
+    Elsewhere,
 }
 
 impl Arm {
@@ -1936,6 +1944,7 @@ impl Arm {
             Arm::Without => "without dnsprobe",
             Arm::Floor => "with only the floor",
             Arm::With => "with dnsprobe",
+            Arm::Elsewhere => "with dnsprobe attached elsewhere",
         }
     }
 }
@@ -1950,6 +1959,9 @@ fn ratios_of(base: &[f64], with: &[f64]) -> Vec<f64> {
 
 fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> Result<()> {
     let cgroup = cgroup2_root()?;
+    // Nothing ever runs in it: the iperf3 traffic stays outside what dnsprobe observes there.
+    let empty = CpuCgroup::make("elsewhere")?;
+    let elsewhere = empty.dir.to_string_lossy().into_owned();
     let mut srv_cmd = w.exec(&w.srv, "iperf3");
     srv_cmd.args(["-s", "--forceflush", "-B", &w.srv_ip]);
     let mut server = Proc::spawn("iperf3 server", &mut srv_cmd)?;
@@ -1963,8 +1975,10 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
         } else {
             "tcp bulk (Gbit/s)"
         };
-        // Each set's cell without, with dnsprobe, and with only the floor.
+        // Each set's cell without, with dnsprobe, with only the floor, and with dnsprobe
+        // attached elsewhere.
         let (mut bases, mut withs, mut floors) = (Vec::new(), Vec::new(), Vec::new());
+        let mut elsewheres = Vec::new();
         // The daemon's share of one CPU in each cell with it.
         let mut daemon_cpu = Vec::new();
         for set in 0..set_count {
@@ -1997,29 +2011,53 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
                         d.proc.stop()?;
                         Ok(with)
                     }
+                    Arm::Elsewhere => {
+                        let mut d = start_dnsprobe(
+                            daemon,
+                            &[
+                                "--query-timeout",
+                                "2s",
+                                "--stats-interval",
+                                "0s",
+                                "--cgroup-root",
+                                &elsewhere,
+                            ],
+                        )?;
+                        let with = iperf(w, cell_secs, udp64)?;
+                        d.proc.stop()?;
+                        Ok(with)
+                    }
                 }
             };
             // Alternating the order cancels a slow drift of the machine; the cell without
-            // stays next to both cells it is compared with.
-            let (floor, base, with) = if set % 2 == 0 {
+            // stays next to dnsprobe's cell, which the verdict compares it with.
+            let (floor, away, base, with) = if set % 2 == 0 {
                 let floor = cell(Arm::Floor)?;
+                let away = cell(Arm::Elsewhere)?;
                 let base = cell(Arm::Without)?;
-                (floor, base, cell(Arm::With)?)
+                (floor, away, base, cell(Arm::With)?)
             } else {
                 let with = cell(Arm::With)?;
                 let base = cell(Arm::Without)?;
-                (cell(Arm::Floor)?, base, with)
+                let away = cell(Arm::Elsewhere)?;
+                (cell(Arm::Floor)?, away, base, with)
             };
             bases.push(base);
             withs.push(with);
             floors.push(floor);
+            elsewheres.push(away);
         }
         let target = if udp64 {
             TARGET_UDP64_RATIO
         } else {
             TARGET_TCP_RATIO
         };
-        rows.push((label, bases, withs, floors, target, median(&daemon_cpu)));
+        rows.push((
+            label,
+            [bases, withs, floors, elsewheres],
+            target,
+            median(&daemon_cpu),
+        ));
     }
     let mut costs = Vec::new();
     for window in 0..PROG_COST_WINDOWS {
@@ -2040,20 +2078,24 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
     let _ = writeln!(
         out,
         "iperf3 client namespace -> server namespace, {set_count} sets of {cell_secs} s cells: \
-         without anything attached, with dnsprobe (started afresh for each), and with only the \
-         floor (two `cgroup_skb` programs that only return 1, on the same cgroup), in the order \
-         floor, without, with, then the reverse, alternating; short, so that the cells of a set \
-         see the same host. `without` and `with` are the medians of the cells, `ratio` the \
+         without anything attached, with dnsprobe (started afresh for each), with only the \
+         floor (two `cgroup_skb` programs that only return 1, on the same cgroup), and with \
+         dnsprobe attached elsewhere, in the order floor, elsewhere, without, with, then with, \
+         without, elsewhere, floor, alternating; short, so that the cells of a set see the same \
+         host. `without` and `with` are the medians of the cells, `ratio` the \
          median of the sets' ratios, which the verdict judges, and `interval` its \
          distribution-free confidence interval (order statistics; `cover` is the chance it \
          holds the true median): when the interval holds the target, another run may well \
          judge the other way. `daemon` is the daemon's own time on a CPU during the cells with \
          it (its cgroup's `cpu.stat`; the median, in % of one CPU). Under each kind of traffic, \
-         two rows that judge nothing: `floor only` compares the floor's cells with those \
+         three rows that judge nothing: `floor only` compares the floor's cells with those \
          without (what any `cgroup_skb` program on the root cgroup costs this traffic, its \
          `with` column being the floor's), and `dnsprobe/floor` dnsprobe's cells with the \
-         floor's (what dnsprobe costs beyond that; its `without` column being the floor's). \
-         Every set's ratios follow the table.\n"
+         floor's (what dnsprobe costs beyond that; its `without` column being the floor's), \
+         and `elsewhere` the cells with dnsprobe attached (`--cgroup-root`) to an empty cgroup \
+         with those without (what traffic outside the subtree dnsprobe observes pays: on a \
+         node, the host's traffic when dnsprobe watches only the pods' slice; its `with` \
+         column being those cells'). Every set's ratios follow the table.\n"
     );
     let _ = writeln!(out, "```");
     let _ = writeln!(
@@ -2062,11 +2104,12 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
         "traffic", "without", "with", "ratio", "interval", "cover", "daemon"
     );
     let mut listed = String::new();
-    for (label, bases, withs, floors, target, daemon_cpu) in rows {
+    for (label, [bases, withs, floors, elsewheres], target, daemon_cpu) in rows {
         let compared = [
             (label.to_owned(), &bases, &withs),
             ("  floor only".to_owned(), &bases, &floors),
             ("  dnsprobe/floor".to_owned(), &floors, &withs),
+            ("  elsewhere".to_owned(), &bases, &elsewheres),
         ];
         for (i, (row_label, base, with)) in compared.into_iter().enumerate() {
             let ratios = ratios_of(base, with);
