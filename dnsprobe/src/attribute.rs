@@ -1,10 +1,14 @@
 //! Names the cgroup of each query: cgroup v2 ids are the inode numbers of the cgroup
-//! directories, so a walk of the hierarchy maps ids to paths.
+//! directories, so a walk of the hierarchy maps ids to paths (or, with `CAP_DAC_READ_SEARCH`,
+//! one file handle opens the one directory).
 
 use std::{
     collections::HashSet,
-    fs,
-    os::unix::fs::MetadataExt as _,
+    fs, io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -132,6 +136,100 @@ pub struct CgroupPaths {
     /// Ids a fresh walk did not find, with when: not walked for again until `NEGATIVE_TTL`.
     missing: HashMap<u64, Instant>,
     walks: u64,
+    /// Finds one cgroup by its id without a walk; `None` where the kernel will not (no
+    /// `CAP_DAC_READ_SEARCH`, or the root is no cgroup2 mount) and the walk is all there is.
+    handles: Option<CgroupHandles>,
+}
+
+/// A cgroup v2 id is also the kernfs node id that the file handles of its filesystem carry
+/// (`FILEID_KERNFS`), so `open_by_handle_at` opens one cgroup's directory by its id, and the
+/// link under /proc/self/fd names it: two system calls for a new pod's cgroup, where a walk
+/// reads every directory of the hierarchy. It needs `CAP_DAC_READ_SEARCH`.
+struct CgroupHandles {
+    /// The root, open: where the handles are decoded, and whose path is cut from the links.
+    mount: OwnedFd,
+    prefix: PathBuf,
+}
+
+/// `struct file_handle` with the 8 bytes of a kernfs handle: the node id.
+#[repr(C)]
+struct KernfsHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    id: u64,
+}
+
+/// `FILEID_KERNFS` in include/linux/exportfs.h.
+const FILEID_KERNFS: i32 = 0xfe;
+/// `CGROUP2_SUPER_MAGIC` in include/uapi/linux/magic.h.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+enum HandleLookup {
+    /// The path relative to the root.
+    Found(String),
+    /// No cgroup has this id any more.
+    Gone,
+    /// Not found this way (outside the root): a walk may still tell.
+    Unknown,
+}
+
+impl CgroupHandles {
+    /// `None` unless `root` is a cgroup2 mount: other filesystems read a kernfs handle as
+    /// stale, which would pass for a cgroup that is gone.
+    fn open(root: &Path) -> Option<Self> {
+        let prefix = fs::canonicalize(root).ok()?;
+        let dir = fs::File::open(&prefix).ok()?;
+        // SAFETY: statfs is plain data, for which all zeroes is a valid value.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid descriptor and a pointer to a statfs the call may fill.
+        if unsafe { libc::fstatfs(dir.as_raw_fd(), &mut st) } != 0
+            || i64::from(st.f_type) != CGROUP2_SUPER_MAGIC
+        {
+            return None;
+        }
+        Some(Self {
+            mount: dir.into(),
+            prefix,
+        })
+    }
+
+    /// An error means the kernel refuses handles altogether (no `CAP_DAC_READ_SEARCH`).
+    fn lookup(&self, id: u64) -> Result<HandleLookup, io::Error> {
+        let mut handle = KernfsHandle {
+            handle_bytes: 8,
+            handle_type: FILEID_KERNFS,
+            id,
+        };
+        // SAFETY: `handle` is a file_handle header followed by the `handle_bytes` bytes it
+        // announces; the kernel reads it and returns a new descriptor or -1.
+        let fd = unsafe {
+            libc::open_by_handle_at(
+                self.mount.as_raw_fd(),
+                (&raw mut handle).cast::<libc::file_handle>(),
+                libc::O_PATH | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ESTALE | libc::ENOENT) => Ok(HandleLookup::Gone),
+                _ => Err(err),
+            };
+        }
+        // SAFETY: the descriptor was just returned to this function and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let Ok(link) = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) else {
+            return Ok(HandleLookup::Unknown);
+        };
+        // A directory removed since it was opened.
+        if link.as_os_str().as_encoded_bytes().ends_with(b" (deleted)") {
+            return Ok(HandleLookup::Gone);
+        }
+        Ok(match link.strip_prefix(&self.prefix) {
+            Ok(rel) => HandleLookup::Found(format!("/{}", rel.to_string_lossy())),
+            Err(_) => HandleLookup::Unknown,
+        })
+    }
 }
 
 /// How long an id that no walk found is not looked for again (walks cost a directory scan).
@@ -144,10 +242,11 @@ const MAX_DEPTH: usize = 32;
 impl CgroupPaths {
     pub fn new(root: PathBuf) -> Self {
         Self {
-            root,
             by_id: HashMap::new(),
             missing: HashMap::new(),
             walks: 0,
+            handles: CgroupHandles::open(&root),
+            root,
         }
     }
 
@@ -178,6 +277,29 @@ impl CgroupPaths {
                 return None;
             }
         }
+        match self.handles.as_ref().map(|h| h.lookup(id)) {
+            Some(Ok(HandleLookup::Found(path))) => {
+                self.missing.remove(&id);
+                if self.by_id.len() >= MAX_ENTRIES {
+                    self.by_id.clear();
+                }
+                let path: Arc<str> = Arc::from(path);
+                self.by_id.insert(id, path.clone());
+                return Some(path);
+            }
+            Some(Ok(HandleLookup::Gone)) => {
+                self.remember_missing(id);
+                return None;
+            }
+            Some(Ok(HandleLookup::Unknown)) | None => {}
+            Some(Err(e)) => {
+                tracing::info!(
+                    "new cgroups are found by reading the whole cgroup tree: open_by_handle_at \
+                     was refused ({e}; it needs CAP_DAC_READ_SEARCH)"
+                );
+                self.handles = None;
+            }
+        }
         self.walk();
         match self.by_id.get(&id) {
             Some(path) => {
@@ -185,13 +307,17 @@ impl CgroupPaths {
                 Some(path.clone())
             }
             None => {
-                if self.missing.len() >= MAX_ENTRIES {
-                    self.missing.clear();
-                }
-                self.missing.insert(id, crate::coarse::now());
+                self.remember_missing(id);
                 None
             }
         }
+    }
+
+    fn remember_missing(&mut self, id: u64) {
+        if self.missing.len() >= MAX_ENTRIES {
+            self.missing.clear();
+        }
+        self.missing.insert(id, crate::coarse::now());
     }
 
     fn walk(&mut self) {

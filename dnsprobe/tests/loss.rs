@@ -9,20 +9,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{skip_unless_root, Daemon, World, WorldConfig};
+use support::{counter, skip_unless_root, Daemon, World, WorldConfig};
 
 /// Queries in the burst: far more than a one-page ring buffer (17 events of queries and short
 /// answers) can hold while the daemon drains it.
 const QUERIES: u64 = 3000;
 
 /// The value of `key=` in the last line of `text` that contains `marker`.
-fn field(text: &str, marker: &str, key: &str) -> Option<u64> {
-    let line = text.lines().rev().find(|l| l.contains(marker))?;
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn tiny_ring_buffer_loses_events_counts_them_and_keeps_running() {
     if skip_unless_root("tiny_ring_buffer_loses_events_counts_them_and_keeps_running") {
@@ -51,8 +44,8 @@ fn tiny_ring_buffer_loses_events_counts_them_and_keeps_running() {
     loop {
         let reported = daemon.records(&world.cgroup.path).len() as u64;
         let stderr = daemon.stderr();
-        let lost = field(&stderr, "stats:", "lost_query_events");
-        let in_flight = field(&stderr, "stats:", "in_flight");
+        let lost = counter(&stderr, "stats:", "lost_query_events");
+        let in_flight = counter(&stderr, "stats:", "in_flight");
         if lost.is_some_and(|l| reported + l >= QUERIES) && in_flight == Some(0) {
             break;
         }
@@ -76,11 +69,11 @@ fn tiny_ring_buffer_loses_events_counts_them_and_keeps_running() {
         stopped.status,
         stopped.stderr
     );
-    let lost_queries = field(&stopped.stderr, "summary:", "lost_query_events")
+    let lost_queries = counter(&stopped.stderr, "summary:", "lost_query_events")
         .unwrap_or_else(|| panic!("no summary with lost_query_events:\n{}", stopped.stderr));
-    let lost_total = field(&stopped.stderr, "summary:", "lost_events").unwrap_or_default();
+    let lost_total = counter(&stopped.stderr, "summary:", "lost_events").unwrap_or_default();
     let lost_responses =
-        field(&stopped.stderr, "summary:", "lost_response_events").unwrap_or_default();
+        counter(&stopped.stderr, "summary:", "lost_response_events").unwrap_or_default();
     assert!(
         lost_queries > 0,
         "a one-page ring lost no query event:\n{}",

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{skip_unless_root, Daemon, World, WorldConfig, RECORD_TIMEOUT, WWW};
+use support::{counter, skip_unless_root, Daemon, World, WorldConfig, RECORD_TIMEOUT, WWW};
 
 const NEEDED: [&str; 3] = ["bpf", "perfmon", "net_admin"];
 
@@ -69,6 +69,18 @@ fn captures_with_only_the_documented_capabilities() {
         stopped.status.is_some_and(|s| s.success()),
         "{:?}: {}",
         stopped.status,
+        stopped.stderr
+    );
+    // Without CAP_DAC_READ_SEARCH the cgroup above was found by reading the tree, and the
+    // daemon said why.
+    assert!(
+        counter(&stopped.stderr, "summary:", "cgroup_walks").is_some_and(|w| w > 0),
+        "{}",
+        stopped.stderr
+    );
+    assert!(
+        stopped.stderr.contains("CAP_DAC_READ_SEARCH"),
+        "{}",
         stopped.stderr
     );
 }

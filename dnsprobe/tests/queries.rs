@@ -12,9 +12,10 @@ use std::{
 };
 
 use support::{
-    musl_gai, parse_rfc3339_ns, run_client_in, skip_unless_root, ClientRun, CreatedCgroups, Daemon,
-    Family, QueryRecord, Resolver, Script, ScriptedServer, World, WorldConfig, BIG_V4, LARGE, MID,
-    MULTI, MULTI_V4, QUERY_TIMEOUT, RECORD_TIMEOUT, WWW, WWW_V4, WWW_V6,
+    counter, musl_gai, parse_rfc3339_ns, run_client_in, skip_unless_root, ClientRun,
+    CreatedCgroups, Daemon, Family, QueryRecord, Resolver, Script, ScriptedServer, World,
+    WorldConfig, BIG_V4, LARGE, MID, MULTI, MULTI_V4, QUERY_TIMEOUT, RECORD_TIMEOUT, WWW, WWW_V4,
+    WWW_V6,
 };
 
 /// What one answered query record must say beyond what every record of a client says.
@@ -309,6 +310,41 @@ fn a_cgroup_root_below_the_root_sees_only_its_own_subtree() {
     );
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0].qname, WWW, "{records:?}");
+}
+
+/// A cgroup made after the daemon started (a new pod) is named from its id through one file
+/// handle (the tests run with CAP_DAC_READ_SEARCH), not by reading the whole cgroup tree again:
+/// the daemon never walks the tree.
+#[test]
+fn a_cgroup_made_after_start_is_named_without_reading_the_tree() {
+    if skip_unless_root("a_cgroup_made_after_start_is_named_without_reading_the_tree") {
+        return;
+    }
+    let world = World::new(WorldConfig::default());
+    let daemon = Daemon::start();
+    let mut cgroups = CreatedCgroups::default();
+    let late = cgroups.make(&format!("dp-test-late-{}/pod/container", world.tag));
+    let server = format!("@{}", world.server_ip(Family::V4));
+    let run = run_client_in(
+        late,
+        &world.client_ns,
+        &["dig", &server, WWW, "A", "+tries=1", "+time=2"],
+    );
+    run.assert_success();
+    let records = daemon.wait_for(
+        &late.path,
+        "the query from the new cgroup",
+        |recs| recs.iter().any(|r| r.pid == Some(run.pid)),
+        RECORD_TIMEOUT,
+    );
+    assert_eq!(records[0].qname, WWW, "{records:?}");
+    let stopped = daemon.stop();
+    assert_eq!(
+        counter(&stopped.stderr, "summary:", "cgroup_walks"),
+        Some(0),
+        "{}",
+        stopped.stderr
+    );
 }
 
 #[test]

@@ -367,6 +367,15 @@ impl Drop for Proc {
     }
 }
 
+/// The number `key=` says on the last line of `text` that contains `marker` (`stats:`,
+/// `summary:`).
+pub fn counter(text: &str, marker: &str, key: &str) -> Option<u64> {
+    let line = text.lines().rev().find(|l| l.contains(marker))?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+}
+
 /// The cgroup v2 root, found as the daemon finds it (never hard-coded: it is
 /// /sys/fs/cgroup/unified on hybrid machines and /sys/fs/cgroup elsewhere).
 pub fn cgroup2_root() -> &'static Path {
