@@ -162,7 +162,7 @@ struct KernfsHandle {
 /// `FILEID_KERNFS` in include/linux/exportfs.h.
 const FILEID_KERNFS: i32 = 0xfe;
 /// `CGROUP2_SUPER_MAGIC` in include/uapi/linux/magic.h.
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
 
 enum HandleLookup {
     /// The path relative to the root.
@@ -183,7 +183,7 @@ impl CgroupHandles {
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: a valid descriptor and a pointer to a statfs the call may fill.
         if unsafe { libc::fstatfs(dir.as_raw_fd(), &mut st) } != 0
-            || i64::from(st.f_type) != CGROUP2_SUPER_MAGIC
+            || u64::try_from(st.f_type).ok() != Some(CGROUP2_SUPER_MAGIC)
         {
             return None;
         }
@@ -409,6 +409,30 @@ mod tests {
             .join("a/b");
         assert_eq!(cgroup2_mount_of(&relative), top);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// On the real cgroup2 mount, as root: ids resolve by handle, a removed cgroup's id reads
+    /// as gone, and neither reads the tree.
+    #[test]
+    fn cgroup_ids_resolve_by_handle_without_a_walk() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (open_by_handle_at)");
+            return;
+        }
+        let root = find_cgroup2_root().unwrap();
+        let dir = root.join(format!("dp-unit-handles-{}/a", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let id = fs::metadata(&dir).unwrap().ino();
+        let gone = fs::metadata(dir.parent().unwrap()).unwrap().ino();
+        let mut paths = CgroupPaths::new(root.clone());
+        let found = paths.resolve(id);
+        fs::remove_dir(&dir).unwrap();
+        fs::remove_dir(dir.parent().unwrap()).unwrap();
+        let expected = format!("/dp-unit-handles-{}/a", std::process::id());
+        assert_eq!(found.as_deref(), Some(expected.as_str()));
+        assert_eq!(paths.resolve(gone), None);
+        assert_eq!(paths.walks(), 0);
     }
 
     #[test]

@@ -28,7 +28,13 @@ const SETUP_HINT: &str = "run `cargo xtask setup`; it installs the validator wit
 /// schema check by name (their API group), and only their wiring is checked below.
 const CUSTOM_RESOURCE_GROUPS: &[&str] = &["monitoring.coreos.com"];
 
-const CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"];
+const CAPABILITIES: &[&str] = &[
+    "BPF",
+    "DAC_READ_SEARCH",
+    "NET_ADMIN",
+    "PERFMON",
+    "SYS_RESOURCE",
+];
 
 const HOST_PATHS: &[&str] = &[
     "/sys/fs/cgroup",

@@ -12,8 +12,8 @@ use std::{fs, os::unix::fs::symlink, path::Path};
 
 use serde_json::Value;
 use support::{
-    cgroup2_root, run_client_in, skip_unless_root, Cgroup, ClientRun, CreatedCgroups, Daemon,
-    TempDir, World, WorldConfig, RECORD_TIMEOUT, WWW,
+    cgroup2_root, skip_unless_root, ClientRun, CreatedCgroups, Daemon, TempDir, World, WorldConfig,
+    RECORD_TIMEOUT, WWW,
 };
 
 /// One fake pod: where its container's cgroup is, and what the records must say about it.
@@ -165,18 +165,6 @@ fn wait_for_record(daemon: &Daemon, cgroup_path: &str) -> Value {
     )
 }
 
-/// dig from inside `leaf`, in the world's client namespace, to its server; it must succeed.
-fn dig_in(world: &World, leaf: &Cgroup) -> ClientRun {
-    let server = format!("@{}", world.server_v4);
-    let run = run_client_in(
-        leaf,
-        &world.client_ns,
-        &["dig", &server, WWW, "A", "+tries=1", "+time=2"],
-    );
-    run.assert_success();
-    run
-}
-
 fn assert_names_pod(record: &Value, p: &FakePod, run: &ClientRun) {
     let what = format!("record of {}: {record}", p.layout);
     assert_eq!(record["pid"], run.pid, "{what}");
@@ -226,7 +214,7 @@ fn queries_from_fake_pods_carry_namespace_pod_container_and_uid() {
     let prefix = format!("dp-pods-{}", std::process::id());
     for p in &pods {
         let leaf = cgroups.make(&format!("{prefix}/{}", p.layout));
-        let run = dig_in(&world, leaf);
+        let run = world.dig_www_in(leaf);
         let record = wait_for_record(&daemon, &leaf.path);
         assert_names_pod(&record, p, &run);
     }
@@ -235,7 +223,7 @@ fn queries_from_fake_pods_carry_namespace_pod_container_and_uid() {
     // systemd slice; the test makes its own slice rather than touch system.slice.
     let unit = format!("dp-host-{}.service", std::process::id());
     let leaf = cgroups.make(&format!("dp-host-{}.slice/{unit}", std::process::id()));
-    dig_in(&world, leaf);
+    world.dig_www_in(leaf);
     let record = wait_for_record(&daemon, &leaf.path);
     assert_eq!(record["host_unit"], unit.as_str(), "{record}");
     assert!(record.get("pod").is_none(), "{record}");
@@ -281,10 +269,10 @@ fn a_daemon_attached_to_the_kubepods_slice_still_names_its_pods() {
     // Outside first: were they seen, their records would be written before (or with) the
     // ones from inside, which are waited for.
     for (_, path) in &outside {
-        dig_in(&world, cgroups.get(path));
+        world.dig_www_in(cgroups.get(path));
     }
     for (p, path) in &inside {
-        let run = dig_in(&world, cgroups.get(path));
+        let run = world.dig_www_in(cgroups.get(path));
         let record = wait_for_record(&daemon, path);
         assert_names_pod(&record, p, &run);
     }

@@ -12,10 +12,9 @@ use std::{
 };
 
 use support::{
-    counter, musl_gai, parse_rfc3339_ns, run_client_in, skip_unless_root, ClientRun,
-    CreatedCgroups, Daemon, Family, QueryRecord, Resolver, Script, ScriptedServer, World,
-    WorldConfig, BIG_V4, LARGE, MID, MULTI, MULTI_V4, QUERY_TIMEOUT, RECORD_TIMEOUT, WWW, WWW_V4,
-    WWW_V6,
+    counter, musl_gai, parse_rfc3339_ns, skip_unless_root, ClientRun, CreatedCgroups, Daemon,
+    Family, QueryRecord, Resolver, Script, ScriptedServer, World, WorldConfig, BIG_V4, LARGE, MID,
+    MULTI, MULTI_V4, QUERY_TIMEOUT, RECORD_TIMEOUT, WWW, WWW_V4, WWW_V6,
 };
 
 /// What one answered query record must say beyond what every record of a client says.
@@ -282,13 +281,7 @@ fn a_cgroup_root_below_the_root_sees_only_its_own_subtree() {
     let daemon = Daemon::start_with(&["--cgroup-root", root]);
     // From a sibling cgroup first, in the same netns, to the same server: were it seen, its
     // record would be written before (or with) the one from inside, which is waited for.
-    let server = format!("@{}", world.server_ip(Family::V4));
-    let outside_run = run_client_in(
-        outside,
-        &world.client_ns,
-        &["dig", &server, WWW, "A", "+tries=1", "+time=2"],
-    );
-    outside_run.assert_success();
+    world.dig_www_in(outside);
     let inside_run = world.dig(Family::V4, WWW, "A", 2);
     inside_run.assert_success();
     let records = daemon.wait_for(
@@ -324,13 +317,7 @@ fn a_cgroup_made_after_start_is_named_without_reading_the_tree() {
     let daemon = Daemon::start();
     let mut cgroups = CreatedCgroups::default();
     let late = cgroups.make(&format!("dp-test-late-{}/pod/container", world.tag));
-    let server = format!("@{}", world.server_ip(Family::V4));
-    let run = run_client_in(
-        late,
-        &world.client_ns,
-        &["dig", &server, WWW, "A", "+tries=1", "+time=2"],
-    );
-    run.assert_success();
+    let run = world.dig_www_in(late);
     let records = daemon.wait_for(
         &late.path,
         "the query from the new cgroup",

@@ -1000,6 +1000,19 @@ forward-zone:
         self.run_client(&["dig", &server, name, qtype, "+tries=1", &time])
     }
 
+    /// `dig @server(v4) www A` from inside `cgroup`, in the world's client namespace; it must
+    /// succeed.
+    pub fn dig_www_in(&self, cgroup: &Cgroup) -> ClientRun {
+        let server = format!("@{}", self.server_ip(Family::V4));
+        let run = run_client_in(
+            cgroup,
+            &self.client_ns,
+            &["dig", &server, WWW, "A", "+tries=1", "+time=2"],
+        );
+        run.assert_success();
+        run
+    }
+
     /// Runs one more query from the world's cgroup, for a name nothing else asks, and waits
     /// until the daemon reported it. The daemon writes records as queries finish, so once the
     /// sentinel's is there, any extra record about the queries that finished before it would
