@@ -193,7 +193,8 @@ impl CgroupHandles {
         })
     }
 
-    /// An error means the kernel refuses handles altogether (no `CAP_DAC_READ_SEARCH`).
+    /// An error means the kernel refuses handles altogether (no `CAP_DAC_READ_SEARCH`, or a
+    /// kernel whose cgroup2 has no file handles).
     fn lookup(&self, id: u64) -> Result<HandleLookup, io::Error> {
         let mut handle = KernfsHandle {
             handle_bytes: 8,
@@ -213,7 +214,12 @@ impl CgroupHandles {
             let err = io::Error::last_os_error();
             return match err.raw_os_error() {
                 Some(libc::ESTALE | libc::ENOENT) => Ok(HandleLookup::Gone),
-                _ => Err(err),
+                // The kernel will not, for any id: no capability, or no handles here.
+                Some(
+                    libc::EPERM | libc::EACCES | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS,
+                ) => Err(err),
+                // Out of descriptors or memory, say: only this lookup failed.
+                _ => Ok(HandleLookup::Unknown),
             };
         }
         // SAFETY: the descriptor was just returned to this function and nothing else owns it.
@@ -293,9 +299,13 @@ impl CgroupPaths {
             }
             Some(Ok(HandleLookup::Unknown)) | None => {}
             Some(Err(e)) => {
+                let hint = match e.raw_os_error() {
+                    Some(libc::EPERM | libc::EACCES) => "; it needs CAP_DAC_READ_SEARCH",
+                    _ => "",
+                };
                 tracing::info!(
                     "new cgroups are found by reading the whole cgroup tree: open_by_handle_at \
-                     was refused ({e}; it needs CAP_DAC_READ_SEARCH)"
+                     was refused ({e}{hint})"
                 );
                 self.handles = None;
             }
