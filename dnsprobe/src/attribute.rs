@@ -286,9 +286,7 @@ impl CgroupPaths {
         match self.handles.as_ref().map(|h| h.lookup(id)) {
             Some(Ok(HandleLookup::Found(path))) => {
                 self.missing.remove(&id);
-                if self.by_id.len() >= MAX_ENTRIES {
-                    self.by_id.clear();
-                }
+                self.make_room();
                 let path: Arc<str> = Arc::from(path);
                 self.by_id.insert(id, path.clone());
                 return Some(path);
@@ -330,11 +328,17 @@ impl CgroupPaths {
         self.missing.insert(id, crate::coarse::now());
     }
 
-    fn walk(&mut self) {
-        self.walks += 1;
+    /// A full map starts again from empty rather than grow: whatever is still in use is found
+    /// again.
+    fn make_room(&mut self) {
         if self.by_id.len() >= MAX_ENTRIES {
             self.by_id.clear();
         }
+    }
+
+    fn walk(&mut self) {
+        self.walks += 1;
+        self.make_room();
         let mut seen_dirs = HashSet::new();
         let mut stack = vec![(self.root.clone(), String::from("/"), 0usize)];
         while let Some((dir, rel, depth)) = stack.pop() {

@@ -758,6 +758,10 @@ struct ObsResult {
 /// `--daemon-arg`, set once before the first daemon starts.
 static DAEMON_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
+/// The daemon's flags in the cells that share them: queries time out well within a cell, and
+/// no periodic stats line competes with the records.
+const DAEMON_FLAGS: [&str; 4] = ["--query-timeout", "2s", "--stats-interval", "0s"];
+
 fn start_dnsprobe(daemon: &Path, extra: &[&str]) -> Result<Running> {
     let mut cmd = Command::new(daemon);
     cmd.args(["run", "--format", "json", "--output", "/dev/null"])
@@ -776,9 +780,7 @@ fn start_dnsprobe(daemon: &Path, extra: &[&str]) -> Result<Running> {
 fn start_observer(kind: Observer, w: &World, daemon: &Path) -> Result<Option<Running>> {
     match kind {
         Observer::None => Ok(None),
-        Observer::Dnsprobe => {
-            start_dnsprobe(daemon, &["--query-timeout", "2s", "--stats-interval", "0s"]).map(Some)
-        }
+        Observer::Dnsprobe => start_dnsprobe(daemon, &DAEMON_FLAGS).map(Some),
         Observer::Tcpdump => {
             let mut cmd = w.exec(&w.cli, "tcpdump");
             cmd.args([
@@ -1849,7 +1851,7 @@ fn prog_cost(
 ) -> Result<ProgCost> {
     // Declared first, so dropped last: the statistics go off on every path out of here.
     let stats = BpfRunStats::enable()?;
-    let start = || start_dnsprobe(daemon, &["--query-timeout", "2s", "--stats-interval", "0s"]);
+    let start = || start_dnsprobe(daemon, &DAEMON_FLAGS);
     let attach = || floor::Floor::attach(cgroup).context("attaching the floor programs");
     let (mut d, floor) = match order {
         FirstRun::Daemon => {
@@ -1996,10 +1998,7 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
                         iperf(w, cell_secs, udp64)
                     }
                     Arm::With => {
-                        let mut d = start_dnsprobe(
-                            daemon,
-                            &["--query-timeout", "2s", "--stats-interval", "0s"],
-                        )?;
+                        let mut d = start_dnsprobe(daemon, &DAEMON_FLAGS)?;
                         let t0 = cpu_use(&d)?;
                         let started = Instant::now();
                         let with = iperf(w, cell_secs, udp64)?;
@@ -2012,17 +2011,9 @@ fn part2(w: &World, daemon: &Path, secs: u64, quick: bool, out: &mut String) -> 
                         Ok(with)
                     }
                     Arm::Elsewhere => {
-                        let mut d = start_dnsprobe(
-                            daemon,
-                            &[
-                                "--query-timeout",
-                                "2s",
-                                "--stats-interval",
-                                "0s",
-                                "--cgroup-root",
-                                &elsewhere,
-                            ],
-                        )?;
+                        let mut flags = DAEMON_FLAGS.to_vec();
+                        flags.extend(["--cgroup-root", &elsewhere]);
+                        let mut d = start_dnsprobe(daemon, &flags)?;
                         let with = iperf(w, cell_secs, udp64)?;
                         d.proc.stop()?;
                         Ok(with)
@@ -2249,7 +2240,7 @@ fn part4(
         "xtask: bench: part 4: soak at {SOAK_RATE}/s for {secs} s, RSS every {} s",
         interval.as_secs_f64()
     );
-    let mut r = start_dnsprobe(daemon, &["--query-timeout", "2s", "--stats-interval", "0s"])?;
+    let mut r = start_dnsprobe(daemon, &DAEMON_FLAGS)?;
     let pid = r.proc.pid();
     let t0 = cpu_use(&r)?;
     let start = Instant::now();
